@@ -1,0 +1,65 @@
+"""What a system hands the Trainer: a model, its loss, a batch source and optional report hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Optimisation settings of one run (presets fill these; the CLI overrides them)."""
+
+    steps: int = 1000
+    """optimizer steps to train for"""
+    batch_size: int = 16
+    """samples per micro-batch on each process"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
+    lr: float = 3e-4
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    """linear warm-up steps before the cosine decay"""
+    min_lr_ratio: float = 0.1
+    """the cosine decays to lr * min_lr_ratio"""
+    grad_clip: float = 1.0
+    """max global gradient norm (0 disables clipping)"""
+    ema_decay: float | None = None
+    """keep an EMA of the weights with this decay (None: no EMA)"""
+    eval_every: int = 200
+    checkpoint_every: int = 500
+    log_every: int = 10
+    time_budget_s: float | None = None
+    """stop (and checkpoint) once this many seconds of training have passed"""
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class Task:
+    """One trainable system instance.
+
+    - ``loss(module, batch) -> (loss, metrics)``: ``module`` is ``model`` as the Trainer wraps it
+      (DDP / FSDP / compiled); call it, not ``model``, so gradients synchronise.
+    - ``train_batch(index) -> batch``: micro-batch number ``index`` (global and unique per process:
+      ``(step * grad_accum + micro) * world_size + rank``), a deterministic function of the index and
+      the run's seed, so a resumed run sees exactly the batches an uninterrupted one would.
+    - ``evaluate(model) -> metrics`` under stable names (``val_loss``, ``val_bpb``, ``eval_return_mean``).
+    - ``sample(model) -> dict`` for the report: ``{"text": str}``, ``{"images": [png paths]}``, ...
+    - ``extra_state``: modules besides ``model`` whose state is checkpointed too (e.g. a target net).
+    """
+
+    model: nn.Module
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+    train_batch: Callable[[int], Any]
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    sample: Callable[[nn.Module], dict[str, Any]] | None = None
+    extra_state: dict[str, nn.Module] = field(default_factory=dict)
+    after_step: Callable[[int], None] | None = None
+    """called after each optimizer step (e.g. to update a target network)"""
