@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from quintet.core.config import PretrainedModel
-from quintet.training.task import Task, TrainSettings
+from quintet.training.task import ReportSection, Task, TrainSettings
 
 # Modules that register a system when imported; a system appends itself here when it lands.
 SYSTEM_MODULES: tuple[str, ...] = ()
@@ -62,6 +63,12 @@ class System(ABC):
     @abstractmethod
     def make_task(self, preset: Preset, *, data: str | None = None, settings: TrainSettings | None = None) -> Task:
         """Everything the Trainer needs to train ``preset`` (on ``data`` when the user gives a path)."""
+
+    def demo(self, out_dir: Path, *, budget_s: float, quick: bool = False) -> ReportSection:
+        """Train the ``demo`` preset for ``budget_s`` seconds, evaluate, sample; the report's section."""
+        from quintet.training.demo import run_default_demo
+
+        return run_default_demo(self, out_dir, budget_s=budget_s, quick=quick)
 
 
 _SYSTEMS: dict[str, System] = {}

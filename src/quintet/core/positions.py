@@ -5,7 +5,6 @@ Shape glossary: ``n`` positions, ``d`` feature dim, ``a`` number of rotary axes 
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

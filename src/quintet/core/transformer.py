@@ -60,7 +60,8 @@ class TransformerBlock(nn.Module):
             self.attn_norm(x, cond), key_padding_mask=key_padding_mask, attn_mask=attn_mask, rotary=rotary, cache=cache
         )
         x = x + self.dropout(h)
-        if self.cross_attn is not None and (context is not None or (cache is not None and cache.context_kv is not None)):
+        has_context = context is not None or (cache is not None and cache.context_kv is not None)
+        if self.cross_attn is not None and has_context:
             h = self.cross_attn(self.cross_norm(x, cond), context, key_padding_mask=context_mask, cache=cache)
             x = x + self.dropout(h)
         return x + self.dropout(self.ff(self.ff_norm(x, cond)))

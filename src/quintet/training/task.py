@@ -63,3 +63,20 @@ class Task:
     extra_state: dict[str, nn.Module] = field(default_factory=dict)
     after_step: Callable[[int], None] | None = None
     """called after each optimizer step (e.g. to update a target network)"""
+
+
+@dataclass(kw_only=True)
+class ReportSection:
+    """One system's part of the demo report (``runs/demo/report.html``)."""
+
+    title: str
+    summary: str
+    """what was trained, on what, for how long, and what the numbers mean"""
+    train_seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)
+    """paths of PNG files (loss curves, samples) to embed"""
+    samples: dict[str, str] = field(default_factory=dict)
+    """titled text samples"""
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """titled tables, each a list of rows"""

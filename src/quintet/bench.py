@@ -1,0 +1,150 @@
+"""Benchmark runner: ``python -m quintet.bench [SUITE ...]`` (also ``quintet bench``).
+
+Suites live in the checkout's ``benchmarks/bench_<name>.py``; each exposes
+``run(quick: bool = False) -> dict`` whose values are JSON-ready and whose ``ratios`` entry holds the
+numbers an issue targets. Everything a suite compares is measured side by side in one process.
+Results go to ``bench-results/<name>.json``; a table of every suite's ratios is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils.benchmark as torch_benchmark
+
+
+def benchmarks_dir() -> Path:
+    """The ``benchmarks/`` folder of the checkout (from $QUINTET_BENCHMARKS, the cwd or the package)."""
+    candidates = [os.environ.get("QUINTET_BENCHMARKS"), Path.cwd() / "benchmarks"]
+    candidates.append(Path(__file__).resolve().parents[2] / "benchmarks")
+    for candidate in candidates:
+        if candidate and Path(candidate, "bench_core.py").is_file():
+            return Path(candidate)
+    raise FileNotFoundError(
+        "benchmarks/: not found; run from a quintet checkout or set QUINTET_BENCHMARKS to its benchmarks folder"
+    )
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem.removeprefix("bench_") for p in benchmarks_dir().glob("bench_*.py"))
+
+
+def _load_suite(name: str):
+    path = benchmarks_dir() / f"bench_{name}.py"
+    if not path.is_file():
+        raise ValueError(f"suite: unknown benchmark suite {name!r}; available: {', '.join(available_suites())}")
+    spec = importlib.util.spec_from_file_location(f"quintet_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_fn(fn: Callable[[], Any], *, min_run_time: float = 1.0) -> float:
+    """Median seconds per call of ``fn`` (torch.utils.benchmark, after a warm-up call)."""
+    fn()
+    timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def peak_memory(fn: Callable[[], Any]) -> int | None:
+    """Peak bytes of memory that one call of ``fn`` adds (CUDA allocator, or CPU resident set).
+
+    On CPU this resets the kernel's resident high-water mark (``/proc/self/clear_refs``) and reads
+    it back after the call; large tensors are mmapped by the allocator and returned on free, so the
+    peak tracks tensor memory. Returns None where neither is measurable.
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        base = _proc_status_bytes("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return max(0, _proc_status_bytes("VmHWM") - base)
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    rows = [(suite, key, _fmt(value)) for suite, r in results.items() for key, value in r.get("ratios", {}).items()]
+    if not rows:
+        return
+    widths = [max(len(row[i]) for row in rows + [("suite", "ratio", "value")]) for i in range(3)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(line.format("suite", "ratio", "value"))
+    for row in rows:
+        print(line.format(*row))
+
+
+def run_suites(names: Sequence[str] = (), *, quick: bool = False, out_dir: str | os.PathLike = "bench-results"):
+    names = list(names) or available_suites()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in names:
+        suite = _load_suite(name)
+        print(f"[bench] {name} ...", flush=True)
+        result = {"suite": name, "quick": quick, "environment": environment(), **suite.run(quick=quick)}
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[bench] wrote {out / f'{name}.json'}", flush=True)
+        results[name] = result
+    print_table(results)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quintet.bench", description=__doc__)
+    parser.add_argument("suites", nargs="*", help="suites to run (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument("--out", default="bench-results", help="folder for the JSON results")
+    args = parser.parse_args(argv)
+    try:
+        run_suites(args.suites, quick=args.quick, out_dir=args.out)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
