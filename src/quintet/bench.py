@@ -9,6 +9,7 @@ Results go to ``bench-results/<name>.json``; a table of every suite's ratios is 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import importlib.util
 import json
@@ -65,6 +66,14 @@ def _proc_status_bytes(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc), so the resident baseline holds live data only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory(fn: Callable[[], Any]) -> int | None:
     """Peak bytes of memory that one call of ``fn`` adds (CUDA allocator, or CPU resident set).
 
@@ -73,6 +82,7 @@ def peak_memory(fn: Callable[[], Any]) -> int | None:
     peak tracks tensor memory. Returns None where neither is measurable.
     """
     gc.collect()
+    _release_free_heap()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -55,7 +55,8 @@ def filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 def gumbel_noise(shape: torch.Size, *, device, generator: torch.Generator | None = None) -> torch.Tensor:
     uniform = torch.rand(shape, device=device, generator=generator)
     eps = torch.finfo(uniform.dtype).tiny
-    return -torch.log(-torch.log(uniform.clamp_min(eps)).clamp_min(eps))
+    exponential = (-torch.log(uniform.clamp_min(eps))).clamp_min(eps)
+    return -torch.log(exponential)
 
 
 def gumbel_sample(
