@@ -226,7 +226,7 @@ class Attention(nn.Module):
         b, i, j = q.shape[0], q.shape[2], k.shape[2]
         mask = None
         use_is_causal = False
-        if self.causal:
+        if self.causal and i > 1:  # a single newest query may see every key: no causal mask needed
             if i == j and key_padding_mask is None and attn_mask is None and self.mem_kv is None:
                 use_is_causal = True  # lets SDPA pick its fused causal kernel
             else:
