@@ -47,6 +47,7 @@ def _load_suite(name: str):
         raise ValueError(f"suite: unknown benchmark suite {name!r}; available: {', '.join(available_suites())}")
     spec = importlib.util.spec_from_file_location(f"quintet_bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in a suite look their module up while it executes
     spec.loader.exec_module(module)
     return module
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,11 +34,61 @@ class TrainSettings:
     ema_decay: float | None = None
     """keep an EMA of the weights with this decay (None: no EMA)"""
     eval_every: int = 200
+    """evaluate every this many steps (0: only at the end)"""
     checkpoint_every: int = 500
+    """checkpoint every this many steps (0: only at the end)"""
     log_every: int = 10
+    """log train metrics every this many steps"""
     time_budget_s: float | None = None
     """stop (and checkpoint) once this many seconds of training have passed"""
     seed: int = 0
+    """seeds the Trainer's random state (dropout, ...) and the task's data order"""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            _check_int(getattr(self, name), name, minimum=1)
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
+            _check_int(getattr(self, name), name, minimum=0)
+        _check_number(self.lr, "lr", low=0.0, low_open=True)
+        _check_number(self.weight_decay, "weight_decay", low=0.0)
+        _check_number(self.min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0)
+        _check_number(self.grad_clip, "grad_clip", low=0.0)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise ValueError(f"betas: expected a pair (beta1, beta2), got {self.betas!r}")
+        for beta in self.betas:
+            _check_number(beta, "betas", low=0.0, high=1.0, high_open=True)
+        if self.ema_decay is not None:
+            _check_number(self.ema_decay, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
+        if self.time_budget_s is not None:
+            _check_number(self.time_budget_s, "time_budget_s", low=0.0, low_open=True)
+
+
+def _check_int(value: object, name: str, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+
+
+def _check_number(
+    value: object,
+    name: str,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if math.isnan(value) or too_low or too_high:
+        if math.isinf(high):
+            expected = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            expected = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}: expected a value {expected}, got {value}")
 
 
 @dataclass(kw_only=True)
@@ -52,6 +103,9 @@ class Task:
     - ``evaluate(model) -> metrics`` under stable names (``val_loss``, ``val_bpb``, ``eval_return_mean``).
     - ``sample(model) -> dict`` for the report: ``{"text": str}``, ``{"images": [png paths]}``, ...
     - ``extra_state``: modules besides ``model`` whose state is checkpointed too (e.g. a target net).
+    - ``batch_tokens(batch) -> int``: tokens in a micro-batch, for the tokens/s readout (without it the
+      progress line shows samples/s). Read tensor shapes only: a value read from a tensor's data
+      would synchronise the device every step.
     """
 
     model: nn.Module
@@ -63,6 +117,7 @@ class Task:
     extra_state: dict[str, nn.Module] = field(default_factory=dict)
     after_step: Callable[[int], None] | None = None
     """called after each optimizer step (e.g. to update a target network)"""
+    batch_tokens: Callable[[Any], int] | None = None
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,406 @@
+"""The ``quintet`` command: train, sample, eval, list, bench, demo.
+
+Flags come from dataclasses (tyro), ``--help`` from their field docstrings. ``quintet train``'s
+optimisation flags are :class:`~quintet.training.task.TrainSettings` itself, with the chosen preset's
+values (or, with ``--resume``, the checkpoint's) as defaults. Every error is one line on stderr and a
+non-zero exit (2: bad input, 1: training diverged); set QUINTET_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+import tyro
+
+from quintet.core.config import CheckpointError, config_from_dict
+from quintet.training.task import TrainSettings
+
+SYSTEM = tyro.conf.arg(metavar="SYSTEM")
+DEFAULT_PRESET = "demo"
+
+
+class UsageError(ValueError):
+    """A command line tyro could not parse (already condensed to one line)."""
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+@dataclass(kw_only=True)
+class TrainCommand:
+    """Train a system's preset. The run folder gets checkpoints/, metrics.jsonl, loss_curve.png and summary.json."""
+
+    system: Annotated[tyro.conf.Positional[str], SYSTEM]
+    """the system to train (see `quintet list`)"""
+    preset: str | None = None
+    """preset name (unset: demo, or the checkpoint's preset when resuming)"""
+    out: Path | None = None
+    """run folder (unset: runs/SYSTEM-PRESET)"""
+    resume: bool = False
+    """continue from the run folder's latest checkpoint"""
+    device: str = "auto"
+    """auto (the GPU if there is one), cpu, cuda or cuda:N"""
+    data: str | None = None
+    """train on this file instead of the preset's embedded data (systems that support it)"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """how several processes (torchrun) share the model: replicated (ddp) or sharded (fsdp)"""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on a GPU that supports it, float32 elsewhere"""
+    compile: bool = False
+    """torch.compile the model"""
+    settings: Annotated[TrainSettings, tyro.conf.arg(name=""), tyro.conf.OmitArgPrefixes] = field(
+        default_factory=TrainSettings
+    )
+
+    def run(self) -> int:
+        from quintet.registry import get_preset, get_system
+        from quintet.training.trainer import Trainer, ensure_writable_dir
+
+        system = get_system(self.system)
+        preset_name = self.preset or DEFAULT_PRESET
+        preset = get_preset(system.name, preset_name)
+        out = self.out or Path("runs") / f"{system.name}-{preset_name}"
+        if _is_main_process():
+            ensure_writable_dir(out, "out")
+        task = system.make_task(preset, data=self.data, settings=self.settings)
+        run_config = {"system": system.name, "preset": preset_name, "data": self.data}
+        trainer = Trainer(
+            task,
+            run_dir=out,
+            resume=self.resume,
+            device=self.device,
+            run_config=run_config,
+            parallel=self.parallel,
+            precision=self.precision,
+            compile=self.compile,
+        )
+        result = trainer.fit()
+        if not _is_main_process():
+            return 0
+        summary = {
+            "system": system.name,
+            "preset": preset_name,
+            "step": result.step,
+            "seconds": result.seconds,
+            "train_metrics": result.train_metrics,
+            "eval_metrics": result.eval_metrics,
+            "stopped_early": result.stopped_early,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+            "device": str(trainer.device),
+            "world_size": trainer.context.world_size,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        metrics = {"loss": result.train_metrics["loss"]} if "loss" in result.train_metrics else {}
+        metrics.update(result.eval_metrics)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"done: step {result.step} in {result.seconds:.1f} s; {shown}; wrote {out / 'summary.json'}")
+        return 0
+
+
+def _train_defaults(command: TrainCommand) -> TrainCommand:
+    """``command`` with the preset's (or, resuming, the checkpoint's) settings as defaults."""
+    from quintet.registry import get_preset, get_system
+    from quintet.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, read_run_config
+
+    system = get_system(command.system)
+    preset_name = command.preset or DEFAULT_PRESET
+    settings = None
+    if command.resume:
+        out = command.out or Path("runs") / f"{system.name}-{preset_name}"
+        checkpoint = latest_checkpoint(out / CHECKPOINTS_DIR)
+        if checkpoint is None:
+            raise ValueError(f"resume: {out} holds no checkpoint to resume from")
+        run_config = read_run_config(checkpoint)
+        owner = run_config.get("system")
+        if owner != system.name:
+            raise CheckpointError(f"{checkpoint}: is a checkpoint of system {owner!r}, not {system.name!r}")
+        preset_name = command.preset or run_config.get("preset", DEFAULT_PRESET)
+        settings = config_from_dict(TrainSettings, run_config["settings"], source=f"{checkpoint}/run_config.json")
+    preset = get_preset(system.name, preset_name)
+    return dataclasses.replace(command, preset=preset_name, settings=settings or preset.settings)
+
+
+# ---------------------------------------------------------------------------------------------- sample / eval
+
+
+def _load_for_inference(system_name: str, checkpoint: Path, preset_name: str | None, device: str, ema: bool):
+    from quintet.registry import get_preset, get_system
+    from quintet.training.checkpoint import load_checkpoint_model, read_run_config, resolve_checkpoint
+    from quintet.training.distributed import resolve_device
+
+    system = get_system(system_name)
+    resolved_device = resolve_device(device)
+    checkpoint_dir = resolve_checkpoint(checkpoint)
+    run_config = read_run_config(checkpoint_dir)
+    owner = run_config.get("system")
+    if owner is not None and owner != system.name:
+        raise CheckpointError(f"{checkpoint_dir}: is a checkpoint of system {owner!r}, not {system.name!r}")
+    model, checkpoint_dir, which = load_checkpoint_model(
+        system.model_class, checkpoint_dir, ema=ema, map_location=resolved_device
+    )
+    preset = get_preset(system.name, preset_name or run_config.get("preset") or DEFAULT_PRESET)
+    settings = None
+    if "settings" in run_config:
+        settings = config_from_dict(TrainSettings, run_config["settings"], source=f"{checkpoint_dir}/run_config.json")
+    task = system.make_task(preset, data=run_config.get("data"), settings=settings)
+    print(f"loaded {which} weights of {checkpoint_dir} (step {run_config.get('step', '?')})", file=sys.stderr)
+    return task, model.to(resolved_device).eval()
+
+
+@dataclass(kw_only=True)
+class SampleCommand:
+    """Sample from a trained checkpoint (text is printed, image paths are listed)."""
+
+    system: Annotated[tyro.conf.Positional[str], SYSTEM]
+    """the system the checkpoint belongs to"""
+    checkpoint: Path
+    """a run folder (its latest checkpoint) or a checkpoint folder"""
+    preset: str | None = None
+    """the preset whose sampler to use (unset: the checkpoint's)"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    ema: bool = True
+    """use the EMA weights when the checkpoint has them"""
+    seed: int = 0
+    """seeds the sampler's random state"""
+
+    def run(self) -> int:
+        task, model = _load_for_inference(self.system, self.checkpoint, self.preset, self.device, self.ema)
+        if task.sample is None:
+            raise ValueError(f"system: {self.system} has no sampler")
+        torch.manual_seed(self.seed)
+        with torch.no_grad():
+            samples = task.sample(model)
+        for key, value in samples.items():
+            if key == "images":
+                for path in value:
+                    print(f"image: {path}")
+            elif isinstance(value, str):
+                print(value if key == "text" else f"{key}: {value}")
+            else:
+                print(f"{key}: {json.dumps(value, default=str)}")
+        return 0
+
+
+@dataclass(kw_only=True)
+class EvalCommand:
+    """Evaluate a trained checkpoint; prints the metrics as one JSON object."""
+
+    system: Annotated[tyro.conf.Positional[str], SYSTEM]
+    """the system the checkpoint belongs to"""
+    checkpoint: Path
+    """a run folder (its latest checkpoint) or a checkpoint folder"""
+    preset: str | None = None
+    """the preset whose evaluation to run (unset: the checkpoint's)"""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N"""
+    ema: bool = True
+    """use the EMA weights when the checkpoint has them"""
+
+    def run(self) -> int:
+        task, model = _load_for_inference(self.system, self.checkpoint, self.preset, self.device, self.ema)
+        if task.evaluate is None:
+            raise ValueError(f"system: {self.system} has no evaluation")
+        with torch.no_grad():
+            metrics = {key: float(value) for key, value in task.evaluate(model).items()}
+        print(json.dumps(metrics))
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------- list / bench / demo
+
+
+@dataclass(kw_only=True)
+class ListCommand:
+    """List the systems and their presets (data and expected training minutes)."""
+
+    def run(self) -> int:
+        from quintet.registry import systems
+
+        registered = systems()
+        if not registered:
+            print("no systems are registered yet")
+            return 0
+        rows = [("system", "preset", "minutes", "data", "description")]
+        for system in registered.values():
+            for preset in system.presets().values():
+                minutes = f"{preset.expected_minutes:g}"
+                rows.append((system.name, preset.name, minutes, preset.data, preset.description))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        return 0
+
+
+@dataclass(kw_only=True)
+class BenchCommand:
+    """Run benchmark suites (benchmarks/bench_NAME.py); JSON goes to --out, a table to the console."""
+
+    suites: tyro.conf.Positional[tuple[str, ...]] = ()
+    """suites to run (default: all)"""
+    quick: bool = False
+    """smaller sizes, for a smoke run"""
+    out: Path = Path("bench-results")
+    """folder for the JSON results"""
+
+    def run(self) -> int:
+        from quintet.bench import run_suites
+
+        run_suites(self.suites, quick=self.quick, out_dir=self.out)
+        return 0
+
+
+@dataclass(kw_only=True)
+class DemoCommand:
+    """Train every landed system's demo preset for a fixed time; write report.html and summary.json."""
+
+    out: Path = Path("runs/demo")
+    """folder for the report, the summary and each system's run"""
+    quick: bool = False
+    """a shorter demo (about 5 minutes with all systems, instead of 20)"""
+    systems: str | None = None
+    """comma-separated systems to include (unset: all registered)"""
+    budget_s: float | None = None
+    """training seconds per system (unset: 180, or 40 with --quick)"""
+
+    def run(self) -> int:
+        from quintet.training.demo import run_demo
+
+        names = None
+        if self.systems is not None:
+            names = [name.strip() for name in self.systems.split(",") if name.strip()]
+            if not names:
+                raise ValueError("systems: expected a comma-separated list of system names")
+        summary = run_demo(self.out, quick=self.quick, systems=names, budget_s=self.budget_s)
+        failed = [name for name, result in summary["systems"].items() if result["status"] != "ok"]
+        if failed:
+            print(f"error: the demo of {', '.join(failed)} failed (see {summary['report']})", file=sys.stderr)
+            return 1
+        return 0
+
+
+COMMANDS: dict[str, type] = {
+    "train": TrainCommand,
+    "sample": SampleCommand,
+    "eval": EvalCommand,
+    "list": ListCommand,
+    "bench": BenchCommand,
+    "demo": DemoCommand,
+}
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _condense(text: str) -> str:
+    """tyro's boxed error message as one line."""
+    lines = [re.sub(r"[│╭╮╰╯]", "", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    separator = re.compile(r"^[-─━]{3,}$")
+    title = ""
+    block: list[str] = []
+    seen_separator = False
+    for line in lines:
+        if separator.match(line):
+            if seen_separator:
+                break
+            seen_separator = True
+        elif not title:
+            title = line.strip("─- ")
+        elif seen_separator:
+            block.append(line)
+    message = " ".join(block) or title or "invalid command line"
+    if title and not message.startswith(title):
+        message = f"{title.lower()}: {message}"
+    return f"{message} (see quintet --help)"
+
+
+def _wants_help(args: Sequence[str]) -> bool:
+    return any(arg in ("-h", "--help") for arg in args)
+
+
+def _tyro(parse: Any, args: Sequence[str]) -> Any:
+    """Run a tyro parse; a parse error becomes a one-line :class:`UsageError` (help prints as usual)."""
+    if _wants_help(args):
+        return parse(list(args))
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            return parse(list(args))
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            sys.stdout.write(captured.getvalue())
+            raise
+        raise UsageError(_condense(captured.getvalue())) from None
+
+
+def parse_command(argv: Sequence[str]) -> Any:
+    def parse_top(args):
+        return tyro.extras.subcommand_cli_from_dict(
+            COMMANDS, prog="quintet", description="quintet: five transformer systems on one core.", args=args
+        )
+
+    def parse_train(default: TrainCommand):
+        return lambda args: tyro.cli(TrainCommand, prog="quintet train", args=args, default=default)
+
+    argv = list(argv)
+    if argv[:1] == ["train"] and _wants_help(argv):
+        # show the chosen preset's values as defaults when the system can be read from the line
+        without_help = [arg for arg in argv if arg not in ("-h", "--help")]
+        try:
+            command = _tyro(parse_top, without_help)
+            default = _train_defaults(command)
+        except (UsageError, ValueError):
+            return parse_top(argv)
+        return parse_train(default)(argv[1:])
+    command = _tyro(parse_top, argv)
+    if isinstance(command, TrainCommand):
+        command = _tyro(parse_train(_train_defaults(command)), argv[1:])
+    return command
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(part.strip() for part in str(error).strip().splitlines() if part.strip())
+    return text or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from quintet.training.trainer import NonFiniteLossError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(os.environ.get("QUINTET_DEBUG"))
+    try:
+        command = parse_command(argv)
+        return command.run()
+    except NonFiniteLossError as error:
+        if debug:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError) as error:
+        if debug:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
