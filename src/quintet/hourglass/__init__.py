@@ -1,0 +1,26 @@
+"""Hourglass: a hierarchical transformer LM (Nawrot et al. 2021) and its equal-size flat baseline."""
+
+from quintet.hourglass.config import FlatConfig, HourglassConfig
+from quintet.hourglass.generate import generate
+from quintet.hourglass.model import (
+    FlatLM,
+    HourglassCache,
+    HourglassLM,
+    HourglassTransformer,
+    count_parameters,
+    flat_baseline,
+)
+from quintet.hourglass.system import HourglassSystem  # registers the system
+
+__all__ = [
+    "FlatConfig",
+    "FlatLM",
+    "HourglassCache",
+    "HourglassConfig",
+    "HourglassLM",
+    "HourglassSystem",
+    "HourglassTransformer",
+    "count_parameters",
+    "flat_baseline",
+    "generate",
+]

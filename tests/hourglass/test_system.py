@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from quintet import registry
+from quintet.hourglass import FlatLM, HourglassLM, flat_baseline
+from quintet.hourglass.data import lm_loss
+from quintet.training.task import TrainSettings
+
+
+@pytest.fixture
+def system():
+    return registry.get_system("hourglass")
+
+
+def test_presets_build_the_documented_models(system):
+    presets = system.presets()
+    assert {"tiny", "demo", "enwik8"} <= set(presets)
+    assert presets["demo"].model_config.depth == (2, 4, 2)
+    assert isinstance(system.build_model(presets["tiny"]), HourglassLM)
+
+
+def test_train_batches_are_a_deterministic_function_of_seed_and_index(system):
+    preset = system.presets()["tiny"]
+    task = system.make_task(preset)
+    again = system.make_task(preset)
+    other_seed = system.make_task(preset, settings=TrainSettings(batch_size=4, seed=1))
+    batch = task.train_batch(3)
+    assert batch.shape == (4, preset.model_config.max_seq_len + 1) and batch.dtype == torch.long
+    assert torch.equal(batch, again.train_batch(3))
+    assert not torch.equal(batch, task.train_batch(4))
+    assert not torch.equal(batch, other_seed.train_batch(3))
+
+
+def test_tiny_preset_loss_falls_when_overfitting_one_batch(system):
+    torch.manual_seed(0)
+    task = system.make_task(system.presets()["tiny"])
+    batch = task.train_batch(0)
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss, metrics = task.loss(task.model, batch)
+        assert metrics["bpb"] == pytest.approx(loss.item() / math.log(2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_task_evaluates_bits_per_byte_and_samples_text(system):
+    task = system.make_task(system.presets()["tiny"])
+    metrics = task.evaluate(task.model)
+    # an untrained byte model is close to a uniform guess over 256 bytes: 8 bits
+    assert 7.0 < metrics["val_bpb"] < 9.0
+    assert metrics["val_loss"] == pytest.approx(metrics["val_bpb"] * math.log(2))
+    sample = task.sample(task.model)
+    assert sample["text"].startswith(sample["prompt"]) and len(sample["text"]) > len(sample["prompt"])
+
+
+def test_flat_variant_trains_through_the_same_task(system):
+    preset = system.presets()["tiny"]
+    flat = flat_baseline(preset.model_config)
+    task = system.make_task(preset.__class__(**{**preset.__dict__, "model_config": flat}))
+    assert isinstance(task.model, FlatLM)
+    loss, _ = task.loss(task.model, task.train_batch(0))
+    assert torch.isfinite(loss)
+
+
+def test_loss_rejects_a_batch_without_targets():
+    model = registry.get_system("hourglass").build_model(registry.get_preset("hourglass", "tiny"))
+    with pytest.raises(ValueError, match="batch"):
+        lm_loss(model, torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_enwik8_preset_needs_a_data_path(system):
+    with pytest.raises(ValueError, match="data"):
+        system.make_task(system.presets()["enwik8"])
+
+
+def test_demo_races_hourglass_and_flat_and_reports_both(system, tmp_path):
+    section = system.demo(tmp_path, budget_s=4.0, quick=True)
+    assert section.figures and all(p.endswith(".png") for p in section.figures)
+    assert (tmp_path / "hourglass_val_bpb.png").is_file()
+    assert set(section.samples) == {"hourglass sample (temperature 0.8)", "flat sample (temperature 0.8)"}
+    for name in ("hourglass", "flat"):
+        assert 0 < section.metrics[f"{name}_val_bpb"] < 9
+        assert section.metrics[f"{name}_steps"] >= 1
+    params = section.metrics["hourglass_params"], section.metrics["flat_params"]
+    assert abs(params[0] - params[1]) < 0.1 * params[1]
+    rows = section.tables["same wall-clock, hourglass vs flat"]
+    assert [row["model"] for row in rows] == ["hourglass", "flat"]
+    assert "bits per byte" in section.summary
