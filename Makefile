@@ -15,7 +15,7 @@ $(PY):
 # CPU torch first when none is importable: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,rl]'
 	touch $(STAMP)
 
 test: $(STAMP)

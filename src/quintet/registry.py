@@ -19,7 +19,7 @@ from quintet.core.config import PretrainedModel
 from quintet.training.task import ReportSection, Task, TrainSettings
 
 # Modules that register a system when imported; a system appends itself here when it lands.
-SYSTEM_MODULES: tuple[str, ...] = ("quintet.hourglass",)
+SYSTEM_MODULES: tuple[str, ...] = ("quintet.hourglass", "quintet.qtransformer")
 
 
 @dataclass(frozen=True, kw_only=True)

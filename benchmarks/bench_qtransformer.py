@@ -1,0 +1,141 @@
+"""Q-Transformer benchmarks: greedy decoding (cached vs uncached decoder), training step, collection.
+
+``python -m quintet.bench qtransformer``. Ratios: ``cached_speedup_b1`` / ``cached_speedup_b32``
+(uncached / cached decode time at 8 action dimensions x 256 bins; target >= 3).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quintet.bench import time_fn
+from quintet.qtransformer import (
+    ActionDiscretiser,
+    QLearner,
+    QTransformer,
+    QTransformerConfig,
+    RewardScaler,
+    StateEncoderConfig,
+    collect_episodes,
+)
+from quintet.qtransformer.system import QTransformerSystem, greedy_policy, make_env
+
+
+def decoding_model() -> QTransformer:
+    torch.manual_seed(0)
+    config = QTransformerConfig(
+        num_actions=8,
+        action_bins=256,
+        encoder=StateEncoderConfig(state_dim=32, dim=256, depth=2, num_tokens=8),
+        dim=256,
+        depth=4,
+        heads=8,
+        dim_head=32,
+        frames=6,
+        num_learned_tokens=8,
+        q_head_depth=4,
+        q_head_heads=8,
+        q_head_dim_head=32,
+        dueling=True,
+    )
+    return QTransformer(config).eval()
+
+
+def time_decoding(model: QTransformer, batch: int, min_time: float) -> dict:
+    obs = torch.randn(batch, model.config.frames, 32)
+    with torch.no_grad():
+        context = model.encode_state(obs, None).flatten(1, 2)
+
+        def decode(use_cache: bool):
+            return lambda: model.q_head.decode(context, guide=lambda logits: logits, use_cache=use_cache)
+
+        cached = time_fn(decode(True), min_run_time=min_time)
+        uncached = time_fn(decode(False), min_run_time=min_time)
+        end_to_end = time_fn(lambda: model.get_optimal_actions(obs), min_run_time=min_time)
+    return {
+        "decoder_cached_ms": cached * 1e3,
+        "decoder_uncached_ms": uncached * 1e3,
+        "speedup": uncached / cached,
+        "greedy_actions_end_to_end_ms": end_to_end * 1e3,
+    }
+
+
+def bench_decoding(quick: bool) -> dict:
+    model = decoding_model()
+    return {f"b{batch}": time_decoding(model, batch, 0.3 if quick else 1.0) for batch in (1, 32)}
+
+
+def time_training_step(system: QTransformerSystem, name: str, min_time: float) -> dict:
+    preset = system.presets()[name]
+    torch.manual_seed(0)
+    model = system.build_model(preset).train()
+    learner = QLearner(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = system.example_batch(model, batch_size=preset.settings.batch_size, generator=torch.Generator())
+
+    def step():
+        loss, _ = learner.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        learner.update_target()
+
+    return {"batch_size": preset.settings.batch_size, "step_ms": time_fn(step, min_run_time=min_time) * 1e3}
+
+
+def bench_training_step(quick: bool) -> dict:
+    system = QTransformerSystem()
+    return {
+        name: time_training_step(system, name, 0.5 if quick else 2.0) for name in ("cartpole", "lunarlander-offline")
+    }
+
+
+def bench_collection(quick: bool) -> dict:
+    episodes = 8 if quick else 32
+    envs = make_env("CartPole-v1", 8)
+    discretiser = ActionDiscretiser.from_space(envs[0].action_space)
+    scaler = RewardScaler.for_discount(0.0, 1.0, 0.98)
+    rng = np.random.default_rng(0)
+    model = QTransformerSystem().build_model(QTransformerSystem().presets()["cartpole"]).eval()
+    policies = {
+        "random": lambda obs: rng.integers(0, 2, size=(len(obs), 1)),
+        "q_transformer_greedy": greedy_policy(model),
+    }
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, policy in policies.items():
+            started = time.perf_counter()
+            dataset = collect_episodes(
+                envs, policy, episodes, Path(folder) / name, discretiser=discretiser, reward_scaler=scaler, gamma=0.98
+            )
+            seconds = time.perf_counter() - started
+            results[name] = {"env_steps": len(dataset), "env_steps_per_s": len(dataset) / seconds, "parallel_envs": 8}
+    return results
+
+
+def run(quick: bool = False) -> dict:
+    # one thread: on a shared few-core machine, OpenMP threads competing with other processes make
+    # small-kernel timings swing by 10x; single-threaded numbers are stable and comparable
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        decoding = bench_decoding(quick)
+        return {
+            "config": "decoder: 8 action dims x 256 bins, dim 256, 4 decoder layers, 48 frame tokens of context",
+            "threads": 1,
+            "decoding": decoding,
+            "training_step": bench_training_step(quick),
+            "collection": bench_collection(quick),
+            "ratios": {
+                "cached_speedup_b1": decoding["b1"]["speedup"],
+                "cached_speedup_b32": decoding["b32"]["speedup"],
+            },
+        }
+    finally:
+        torch.set_num_threads(threads)
