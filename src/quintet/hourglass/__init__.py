@@ -1,7 +1,7 @@
 """Hourglass: a hierarchical transformer LM (Nawrot et al. 2021) and its equal-size flat baseline."""
 
+from quintet.core.generation import generate
 from quintet.hourglass.config import FlatConfig, HourglassConfig
-from quintet.hourglass.generate import generate
 from quintet.hourglass.model import (
     FlatLM,
     HourglassCache,

@@ -36,9 +36,9 @@ from quintet.core import (
     RMSNorm,
     Transformer,
 )
+from quintet.core.generation import check_token_ids, generate
 from quintet.core.validation import check_ids, check_tensor
 from quintet.hourglass.config import RESAMPLING, FlatConfig, HourglassConfig, check_int, resolve_shorten_factors
-from quintet.hourglass.generate import check_token_ids, generate
 
 
 class Downsample(nn.Module):

@@ -1,5 +1,7 @@
-"""Autoregressive sampling for the hourglass and the flat LM.
+"""Autoregressive token generation for any causal LM of the library.
 
+The model takes ``model(ids) -> logits (b, n, v)``, decodes incrementally with
+``model(ids, cache=model.new_cache())``, and has ``config.num_tokens`` / ``config.max_seq_len``.
 With ``use_cache=True`` the prompt is read in one parallel pass that fills the model's caches, then
 each step feeds one token; without, every step recomputes the whole sequence (the benchmark's
 reference). Both give the same tokens for the same seed.
