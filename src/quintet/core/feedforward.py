@@ -16,7 +16,7 @@ class FeedForward(nn.Module):
         # SwiGLU keeps the parameter count of a GELU MLP of the same mult with 2/3 of the hidden width.
         hidden = int(dim * mult * 2 / 3) if activation == "swiglu" else int(dim * mult)
         self.proj_in = nn.Linear(dim, hidden * 2 if activation == "swiglu" else hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.proj_out = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,8 @@ class TransformerBlock(nn.Module):
         self.cross_attn = Attention(dim, dim_context=dim_context, **attn_kwargs) if dim_context else None
         self.ff_norm = _Norm(norm, dim, dim_cond)
         self.ff = FeedForward(dim, ff_mult, activation=ff_activation, dropout=dropout)
-        self.dropout = nn.Dropout(dropout)
+        # identity when off: decoding calls a block per token, so every skipped call counts
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x, *, context, key_padding_mask, attn_mask, context_mask, rotary, cond, cache):
         h = self.attn(
