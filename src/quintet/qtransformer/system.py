@@ -115,8 +115,8 @@ class QTransformerSystem(System):
             "cartpole": Preset(
                 system=self.name,
                 name="cartpole",
-                description="CartPole-v1, epsilon-greedy collection and training in rounds until return >= 475",
-                data="CartPole-v1 (gymnasium), collected online",
+                description="CartPole-v1; the demo collects epsilon-greedily and trains in rounds to return >= 475",
+                data="CartPole-v1: `quintet train` uses 20 random episodes (or --data); the demo collects online",
                 expected_minutes=10.0,
                 model_config=CARTPOLE,
                 settings=TRAIN_SETTINGS["cartpole"],
