@@ -191,7 +191,7 @@ def test_minari_import_and_export(tmp_path, monkeypatch):
     minari.create_dataset_from_buffers(
         "quintet/test-v0", buffers, env="LunarLanderContinuous-v3", data_format="arrow", algorithm_name="random"
     )
-    monkeypatch.setenv("QUINTET_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("QUINTET_CACHE", str(tmp_path / "cache"))
     replay = from_minari("quintet/test-v0", bins=9, gamma=0.9)
     assert replay.path == tmp_path / "cache" / "minari" / "quintet--test-v0"
     assert replay.num_episodes == 2 and len(replay) == 13 and replay.num_actions == 2

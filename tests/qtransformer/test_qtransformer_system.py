@@ -28,7 +28,7 @@ def test_registered_on_import():
 
 
 def test_task_batches_are_deterministic_and_train(tmp_path, monkeypatch):
-    monkeypatch.setenv("QUINTET_DATA", str(tmp_path))
+    monkeypatch.setenv("QUINTET_CACHE", str(tmp_path))
     system = QTransformerSystem()
     preset = system.presets()["cartpole"]
     dataset = random_dataset(RL_SETTINGS["cartpole"], preset.model_config, tmp_path / "random", episodes=4)

@@ -19,6 +19,7 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -121,16 +122,25 @@ def load_config(config_class: type[ConfigT], path: str | os.PathLike) -> ConfigT
     return config_from_dict(config_class, data, source=str(path))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(temporary_path)`` beside ``path``, then rename it into place.
+
+    A crash mid-write leaves either the old file or none, never a half-written one.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class PretrainedModel(nn.Module, PyTorchModelHubMixin):
@@ -152,15 +162,8 @@ class PretrainedModel(nn.Module, PyTorchModelHubMixin):
     def _save_pretrained(self, save_directory: Path) -> None:
         save_directory = Path(save_directory)
         save_config(self.config, save_directory / CONFIG_FILE)
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=f".{WEIGHTS_FILE}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            # save_model (not save_file) deduplicates tied / shared tensors instead of failing on them.
-            safetensors.torch.save_model(self, tmp)
-            os.replace(tmp, save_directory / WEIGHTS_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # save_model (not save_file) deduplicates tied / shared tensors instead of failing on them.
+        atomic_write(save_directory / WEIGHTS_FILE, lambda tmp: safetensors.torch.save_model(self, str(tmp)))
 
     @classmethod
     def from_pretrained(

@@ -6,6 +6,7 @@ no message a user can act on).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -56,9 +57,29 @@ def check_ids(ids: torch.Tensor, name: str, num_tokens: int) -> torch.Tensor:
     return ids
 
 
-def check_positive(value: object, name: str, *, allow_zero: bool = False) -> None:
+def check_int(value: object, name: str, *, minimum: int = 1) -> None:
+    """An integer (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def check_number(
+    value: object,
+    name: str,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """A real number (not a bool) in the interval from ``low`` to ``high`` (open ends as flagged)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}: expected {bound}, got {value}")
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if math.isnan(value) or too_low or too_high:
+        if math.isinf(high):
+            expected = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            expected = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name}: expected a value {expected}, got {value!r}")

@@ -16,13 +16,14 @@ import hashlib
 import os
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from quintet.core.config import atomic_write
 
 VAL_EVERY = 20
 """in a folder corpus, every 20th file (sorted by path) goes to the validation split"""
@@ -111,16 +112,12 @@ def _folder_files(folder: Path) -> list[Path]:
 
 
 def _write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _map(path: Path, offset: int = 0, size: int | None = None) -> np.ndarray:

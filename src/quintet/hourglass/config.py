@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quintet.core.validation import check_int
+
 RESAMPLING = ("naive", "linear")
 POSITIONS = ("rotary", "learned")
-
-
-def check_int(value: object, name: str, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
 
 
 def check_depth(depth: object, name: str) -> int:

@@ -37,8 +37,8 @@ from quintet.core import (
     Transformer,
 )
 from quintet.core.generation import check_token_ids, generate
-from quintet.core.validation import check_ids, check_tensor
-from quintet.hourglass.config import RESAMPLING, FlatConfig, HourglassConfig, check_int, resolve_shorten_factors
+from quintet.core.validation import check_ids, check_int, check_tensor
+from quintet.hourglass.config import RESAMPLING, FlatConfig, HourglassConfig, resolve_shorten_factors
 
 
 class Downsample(nn.Module):

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-def _positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-
-
-def _fraction(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}: expected a value in [0, 1), got {value!r}")
+from quintet.core.validation import check_int, check_number
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,16 +33,16 @@ class MaxViTConfig:
 
     def __post_init__(self) -> None:
         for name in ("channels", "dim", "heads", "dim_head", "window_size"):
-            _positive(name, getattr(self, name))
+            check_int(getattr(self, name), name)
         if not self.depth or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.depth):
             raise ValueError(f"depth: expected a non-empty tuple of integers >= 1, got {self.depth!r}")
         if self.dim_conv_stem is not None:
-            _positive("dim_conv_stem", self.dim_conv_stem)
+            check_int(self.dim_conv_stem, "dim_conv_stem")
         if self.dim_head % 4:
             raise ValueError(f"dim_head: 2-D axial rotary needs a multiple of 4, got {self.dim_head}")
         if self.num_mem_kv < 0:
             raise ValueError(f"num_mem_kv: expected >= 0, got {self.num_mem_kv}")
-        _fraction("dropout", self.dropout)
+        check_number(self.dropout, "dropout", low=0.0, high=1.0, high_open=True)
 
     @property
     def embed_dim(self) -> int:
@@ -74,7 +66,7 @@ class StateEncoderConfig:
 
     def __post_init__(self) -> None:
         for name in ("state_dim", "dim", "depth", "num_tokens"):
-            _positive(name, getattr(self, name))
+            check_int(getattr(self, name), name)
 
     @property
     def embed_dim(self) -> int:
@@ -129,7 +121,7 @@ class QTransformerConfig:
             "q_head_heads",
             "q_head_dim_head",
         ):
-            _positive(name, getattr(self, name))
+            check_int(getattr(self, name), name)
         if self.action_bins < 2:
             raise ValueError(f"action_bins: expected >= 2, got {self.action_bins}")
         if not isinstance(self.encoder, (MaxViTConfig, StateEncoderConfig)):
@@ -141,11 +133,11 @@ class QTransformerConfig:
         if self.condition_on_text:
             if self.text_embed_dim is None:
                 raise ValueError("text_embed_dim: required when condition_on_text=True")
-            _positive("text_embed_dim", self.text_embed_dim)
+            check_int(self.text_embed_dim, "text_embed_dim")
         elif self.text_embed_dim is not None:
             raise ValueError("text_embed_dim: set only with condition_on_text=True")
-        _fraction("cond_drop_prob", self.cond_drop_prob)
-        _fraction("dropout", self.dropout)
+        check_number(self.cond_drop_prob, "cond_drop_prob", low=0.0, high=1.0, high_open=True)
+        check_number(self.dropout, "dropout", low=0.0, high=1.0, high_open=True)
 
     @property
     def is_image(self) -> bool:

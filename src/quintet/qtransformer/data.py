@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from quintet.core.config import atomic_write_text
+from quintet.core.config import atomic_write, atomic_write_text
+from quintet.data import cache_dir
 
 META_FILE = "meta.json"
 
@@ -260,9 +261,7 @@ class ReplayDataset:
             arrays["text_embeds"] = np.stack([np.asarray(e.text_embed, dtype=np.float32) for e in episodes])
         for name, array in arrays.items():
             # a new file replaces the old one: readers still mapping the old arrays keep valid memory
-            temporary = path / f".{name}.tmp.npy"
-            np.save(temporary, array)
-            os.replace(temporary, path / f"{name}.npy")
+            atomic_write(path / f"{name}.npy", lambda tmp, array=array: _save_npy(tmp, array))
         meta = {
             "obs_shape": list(obs_shape),
             "num_actions": int(num_actions),
@@ -469,9 +468,9 @@ def evaluate(env: Any, policy: Policy, n: int, *, discretiser: ActionDiscretiser
 # ---------------------------------------------------------------------------- Minari
 
 
-def data_home() -> Path:
-    """Where generated / imported datasets are cached: ``$QUINTET_DATA`` or ``~/.cache/quintet``."""
-    return Path(os.environ.get("QUINTET_DATA", Path.home() / ".cache" / "quintet"))
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # through a handle: np.save appends ".npy" to a bare path
+        np.save(handle, array)
 
 
 def from_minari(
@@ -485,7 +484,7 @@ def from_minari(
     n_step: int = 1,
 ) -> ReplayDataset:
     """Import a Minari dataset (a ``MinariDataset`` or its id) as a :class:`ReplayDataset` at ``path``
-    (default: ``data_home() / "minari" / <dataset id>``).
+    (default: ``cache_dir() / "minari" / <dataset id>``).
 
     Box actions are discretised into ``bins`` per dimension; the reward scaler defaults to
     ``RewardScaler.for_discount`` over the dataset's reward range.
@@ -514,7 +513,7 @@ def from_minari(
         reward_scaler = RewardScaler.for_discount(low, high if high > low else low + 1.0, gamma)
     env_id = dataset.spec.env_spec.id if dataset.spec.env_spec is not None else None
     if path is None:
-        path = data_home() / "minari" / dataset.id.replace("/", "--")
+        path = cache_dir() / "minari" / dataset.id.replace("/", "--")
     return ReplayDataset.write(
         path,
         episodes,

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from quintet.data import cache_dir
 from quintet.qtransformer.config import QTransformerConfig
 from quintet.qtransformer.data import (
     ActionDiscretiser,
     Episode,
     ReplayDataset,
     RewardScaler,
-    data_home,
     evaluate,
     rollout,
 )
@@ -73,7 +73,7 @@ def lunar_heuristic_policy(env, noise: float, rng: np.random.Generator, discreti
 
 def lunarlander_dataset(settings: RLSettings, action_bins: int, *, seed: int = 0) -> ReplayDataset:
     """The fixed offline dataset: noisy heuristic-controller episodes, generated once and cached."""
-    path = data_home() / f"lunarlander-heuristic-{settings.dataset_episodes}-noise{settings.action_noise}-seed{seed}"
+    path = cache_dir() / f"lunarlander-heuristic-{settings.dataset_episodes}-noise{settings.action_noise}-seed{seed}"
     if (path / "meta.json").is_file():
         return ReplayDataset(path, n_step=settings.n_step)
     envs = make_env(settings.env_id, 8)
@@ -192,7 +192,7 @@ class QTransformerSystem(System):
         elif preset.name == "lunarlander-offline":
             dataset = lunarlander_dataset(rl, preset.model_config.action_bins)
         else:
-            dataset = random_dataset(rl, preset.model_config, data_home() / f"{preset.name}-random")
+            dataset = random_dataset(rl, preset.model_config, cache_dir() / f"{preset.name}-random")
         model = self.build_model(preset)
         return build_task(model, dataset, rl, settings)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from quintet.core.config import atomic_write_text
 from quintet.training.task import ReportSection
 
 
@@ -155,7 +156,5 @@ def write_report(
         + "\n".join(body)
         + "\n</body></html>\n"
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(document, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, document)
     return path

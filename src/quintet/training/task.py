@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from quintet.core.validation import check_int, check_number
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,49 +47,21 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
-            _check_int(getattr(self, name), name, minimum=1)
+            check_int(getattr(self, name), name, minimum=1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
-            _check_int(getattr(self, name), name, minimum=0)
-        _check_number(self.lr, "lr", low=0.0, low_open=True)
-        _check_number(self.weight_decay, "weight_decay", low=0.0)
-        _check_number(self.min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0)
-        _check_number(self.grad_clip, "grad_clip", low=0.0)
+            check_int(getattr(self, name), name, minimum=0)
+        check_number(self.lr, "lr", low=0.0, low_open=True)
+        check_number(self.weight_decay, "weight_decay", low=0.0)
+        check_number(self.min_lr_ratio, "min_lr_ratio", low=0.0, high=1.0)
+        check_number(self.grad_clip, "grad_clip", low=0.0)
         if not isinstance(self.betas, tuple) or len(self.betas) != 2:
             raise ValueError(f"betas: expected a pair (beta1, beta2), got {self.betas!r}")
         for beta in self.betas:
-            _check_number(beta, "betas", low=0.0, high=1.0, high_open=True)
+            check_number(beta, "betas", low=0.0, high=1.0, high_open=True)
         if self.ema_decay is not None:
-            _check_number(self.ema_decay, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
+            check_number(self.ema_decay, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
         if self.time_budget_s is not None:
-            _check_number(self.time_budget_s, "time_budget_s", low=0.0, low_open=True)
-
-
-def _check_int(value: object, name: str, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
-
-
-def _check_number(
-    value: object,
-    name: str,
-    *,
-    low: float,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {value!r}")
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if math.isnan(value) or too_low or too_high:
-        if math.isinf(high):
-            expected = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            expected = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name}: expected a value {expected}, got {value}")
+            check_number(self.time_budget_s, "time_budget_s", low=0.0, low_open=True)
 
 
 @dataclass(kw_only=True)
