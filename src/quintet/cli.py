@@ -163,19 +163,23 @@ def _load_for_inference(system_name: str, checkpoint: Path, preset_name: str | N
 
 
 @dataclass(kw_only=True)
-class SampleCommand:
-    """Sample from a trained checkpoint (text is printed, image paths are listed)."""
-
+class _CheckpointCommand:
     system: Annotated[tyro.conf.Positional[str], SYSTEM]
     """the system the checkpoint belongs to"""
     checkpoint: Path
     """a run folder (its latest checkpoint) or a checkpoint folder"""
     preset: str | None = None
-    """the preset whose sampler to use (unset: the checkpoint's)"""
+    """the preset whose sampler / evaluation to use (unset: the checkpoint's)"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     ema: bool = True
     """use the EMA weights when the checkpoint has them"""
+
+
+@dataclass(kw_only=True)
+class SampleCommand(_CheckpointCommand):
+    """Sample from a trained checkpoint (text is printed, image paths are listed)."""
+
     seed: int = 0
     """seeds the sampler's random state"""
 
@@ -198,19 +202,9 @@ class SampleCommand:
 
 
 @dataclass(kw_only=True)
-class EvalCommand:
+class EvalCommand(_CheckpointCommand):
     """Evaluate a trained checkpoint; prints the metrics as one JSON object."""
 
-    system: Annotated[tyro.conf.Positional[str], SYSTEM]
-    """the system the checkpoint belongs to"""
-    checkpoint: Path
-    """a run folder (its latest checkpoint) or a checkpoint folder"""
-    preset: str | None = None
-    """the preset whose evaluation to run (unset: the checkpoint's)"""
-    device: str = "auto"
-    """auto, cpu, cuda or cuda:N"""
-    ema: bool = True
-    """use the EMA weights when the checkpoint has them"""
 
     def run(self) -> int:
         task, model = _load_for_inference(self.system, self.checkpoint, self.preset, self.device, self.ema)

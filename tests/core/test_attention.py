@@ -245,3 +245,14 @@ def test_compiles_with_torch_compile():
     x = torch.randn(1, 8, 32)
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     assert (compiled(x) - model(x)).abs().max() <= TOL
+
+
+def test_growing_context_appended_part_by_part_equals_the_whole_context():
+    attn = Attention(16, heads=2, dim_head=8, dim_context=12, qk_norm=True).eval()
+    x, context = torch.randn(2, 3, 16), torch.randn(2, 7, 12)
+    cache = KVCache().layer(0)
+    for part in (context[:, :4], context[:, 4:]):
+        cache.context_kv = cache.append(*attn.context_kv(part))
+    assert (attn(x, cache=cache) - attn(x, context)).abs().max() <= TOL
+    with pytest.raises(ValueError, match="self-attention"):
+        Attention(16, heads=2, dim_head=8).context_kv(context)

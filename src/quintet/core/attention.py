@@ -184,12 +184,23 @@ class Attention(nn.Module):
             return q, *cache.context_kv
         if context is None:
             raise ValueError("context: cross-attention needs a context (or a cache holding its keys)")
-        k, v = rearrange(self.to_kv(context), "b n (t h e) -> t b h n e", t=2, h=self.heads)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
+        k, v = self.context_kv(context)
         if cache is not None:
             cache.context_kv = (k, v)
         return q, k, v
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(b, h, j, e)`` of a cross-attention context ``(b, j, d_ctx)``.
+
+        A cache holds these for a fixed context; a caller whose context grows while decoding appends
+        the new part's with ``cache.context_kv = cache.append(*attention.context_kv(new_part))``.
+        """
+        if not self.is_cross:
+            raise ValueError("context: this is a self-attention layer (build it with dim_context)")
+        k, v = rearrange(self.to_kv(context), "b n (t h e) -> t b h n e", t=2, h=self.heads)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k, v
 
     def forward(
         self,

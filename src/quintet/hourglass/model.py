@@ -100,15 +100,9 @@ class ResamplingBlock(nn.Module):
         return x + self.ff(self.ff_norm(x))
 
     def extend_cache(self, cache: LayerCache, context: torch.Tensor) -> None:
-        """Append the keys/values of new context tokens ``(b, m, d)`` to ``cache.context_kv``.
-
-        Core cross-attention computes a fixed context's keys once; here the context (the shortened
-        sequence) grows while decoding, so each new part is projected by core into a scratch cache
-        and appended to the growing one.
-        """
-        scratch = LayerCache()
-        self.attn(context[:, :1], self.context_norm(context), cache=scratch)
-        cache.context_kv = cache.append(*scratch.context_kv)
+        """Append the keys/values of new context tokens ``(b, m, d)`` to ``cache.context_kv``: here the
+        context (the shortened sequence) grows while decoding, unlike a fixed cross-attention context."""
+        cache.context_kv = cache.append(*self.attn.context_kv(self.context_norm(context)))
 
 
 class HourglassCache:
