@@ -29,7 +29,12 @@ VOCAB, DIM, HEADS, DIM_HEAD = 256, 256, 4, 64
 
 def _config(max_seq_len: int) -> HourglassConfig:
     return HourglassConfig(
-        num_tokens=VOCAB, dim=DIM, depth=(2, 2, 2), shorten_factor=4, heads=HEADS, dim_head=DIM_HEAD,
+        num_tokens=VOCAB,
+        dim=DIM,
+        depth=(2, 2, 2),
+        shorten_factor=4,
+        heads=HEADS,
+        dim_head=DIM_HEAD,
         max_seq_len=max_seq_len,
     )
 

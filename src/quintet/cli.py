@@ -77,6 +77,7 @@ class TrainCommand:
         out = self.out or Path("runs") / f"{system.name}-{preset_name}"
         if _is_main_process():
             ensure_writable_dir(out, "out")
+        torch.manual_seed(self.settings.seed)  # the initial weights: one seed reproduces the whole run
         task = system.make_task(preset, data=self.data, settings=self.settings)
         run_config = {"system": system.name, "preset": preset_name, "data": self.data}
         trainer = Trainer(

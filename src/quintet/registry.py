@@ -42,6 +42,8 @@ class System(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     model_class: ClassVar[type[PretrainedModel]]
+    demo_budget_share: ClassVar[float] = 1.0
+    """this system's demo training time, in units of the demo's per-system budget (the total stays fixed)"""
 
     @abstractmethod
     def presets(self) -> dict[str, Preset]: ...

@@ -1,10 +1,16 @@
+from dataclasses import replace
+
 import numpy as np
+import pytest
 import torch
 
 from quintet.qtransformer import QTransformer, ReplayDataset
-from quintet.qtransformer.presets import RL_SETTINGS
-from quintet.qtransformer.system import QTransformerSystem, greedy_policy, optimise, random_dataset
+from quintet.qtransformer.envs import greedy_policy
+from quintet.qtransformer.online import OnlineReplay
+from quintet.qtransformer.presets import CARTPOLE, RL_SETTINGS
+from quintet.qtransformer.system import QTransformerSystem, build_task, random_dataset
 from quintet.registry import get_system
+from quintet.training import Trainer, TrainSettings
 
 
 def test_presets_follow_the_registry_contract(tmp_path):
@@ -31,7 +37,8 @@ def test_task_batches_are_deterministic_and_train(tmp_path, monkeypatch):
     monkeypatch.setenv("QUINTET_CACHE", str(tmp_path))
     system = QTransformerSystem()
     preset = system.presets()["cartpole"]
-    dataset = random_dataset(RL_SETTINGS["cartpole"], preset.model_config, tmp_path / "random", episodes=4)
+    rl = replace(RL_SETTINGS["cartpole"], initial_episodes=4)
+    dataset = random_dataset(rl, preset.model_config, tmp_path / "random")
     assert isinstance(dataset, ReplayDataset) and dataset.num_episodes == 4
     task = system.make_task(preset, data=str(tmp_path / "random"))
     first, again = task.train_batch(3), task.train_batch(3)
@@ -40,7 +47,11 @@ def test_task_batches_are_deterministic_and_train(tmp_path, monkeypatch):
     assert set(task.extra_state) == {"target"}
     target_before = [p.clone() for p in task.extra_state["target"].parameters()]
     optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-3)
-    optimise(task, 3, optimizer=optimizer)
+    for step in range(3):
+        loss, _ = task.loss(task.model, task.train_batch(step))
+        loss.backward()
+        optimizer.step()
+        task.after_step(step + 1)
     moved = [not torch.equal(a, b) for a, b in zip(target_before, task.extra_state["target"].parameters())]
     assert any(moved)  # after_step updated the EMA target
 
@@ -63,3 +74,74 @@ def test_evaluation_unwraps_ema_and_compiled_models():
     averaged = AveragedModel(model)
     assert unwrap(averaged, model) is averaged.module
     assert unwrap(torch.nn.Identity(), model) is model
+
+
+ONLINE = replace(
+    RL_SETTINGS["cartpole"],
+    steps_per_round=2,
+    initial_episodes=2,
+    episodes_per_round=2,
+    collect_envs=2,
+    eval_episodes=2,
+    target_return=None,
+)
+
+
+def online_task(steps: int = 6, *, kill_at_step: int | None = None):
+    settings = TrainSettings(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, eval_every=0, checkpoint_every=2)
+    torch.manual_seed(0)
+    model = QTransformer(CARTPOLE)
+    task = build_task(model, OnlineReplay(model, ONLINE, total_steps=steps), ONLINE, settings)
+    if kill_at_step is not None:
+        update_target = task.after_step
+
+        def after_step(step):
+            update_target(step)
+            if step == kill_at_step:
+                raise KeyboardInterrupt("killed")
+
+        task.after_step = after_step
+    return task
+
+
+def test_online_rounds_grow_the_replay_in_the_run_folder(tmp_path):
+    task = online_task()
+    result = Trainer(task, run_dir=tmp_path, device="cpu", live_progress=False).fit()
+    rounds = sorted(path.name for path in (tmp_path / "replay").glob("round-*"))
+    assert rounds == ["round-0000", "round-0001", "round-0002"]
+    everything = ReplayDataset(tmp_path / "replay" / "all")
+    assert everything.num_episodes == 6 and result.step == 6
+    assert "eval_return_mean" in result.eval_metrics
+
+
+def test_online_run_resumes_exactly_and_collects_the_later_rounds_as_before(tmp_path):
+    reference = online_task()
+    Trainer(reference, run_dir=tmp_path / "whole", device="cpu", live_progress=False).fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(online_task(kill_at_step=3), run_dir=tmp_path / "killed", device="cpu", live_progress=False).fit()
+    assert not (tmp_path / "killed" / "replay" / "round-0002").exists()  # collected after the resume
+    resumed = online_task()
+    Trainer(resumed, run_dir=tmp_path / "killed", resume=True, device="cpu", live_progress=False).fit()
+    for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    for name in ("observations", "actions"):
+        whole = np.load(tmp_path / "whole" / "replay" / "round-0002" / f"{name}.npy")
+        again = np.load(tmp_path / "killed" / "replay" / "round-0002" / f"{name}.npy")
+        assert np.array_equal(whole, again)
+
+
+def test_online_task_outside_a_trainer_says_what_it_needs():
+    with pytest.raises(RuntimeError, match="inside a Trainer"):
+        online_task().train_batch(0)
+
+
+def test_online_replay_rejects_a_model_of_other_bins():
+    model = QTransformer(replace(CARTPOLE, action_bins=3))
+    with pytest.raises(ValueError, match="bins"):
+        OnlineReplay(model, ONLINE, total_steps=4)
+
+
+def test_cartpole_preset_trains_online_and_stops_at_its_target():
+    task = QTransformerSystem().make_task(QTransformerSystem().presets()["cartpole"])
+    assert task.start is not None
+    assert task.stop_when({"eval_return_mean": 480.0}) and task.stop_when({"eval_return_mean": 300.0}) is None

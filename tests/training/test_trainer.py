@@ -179,3 +179,29 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_returns(tmp_path):
     assert result.stopped_early == "interrupted" and result.step == 3
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000003"
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_stop_when_ends_the_run_after_an_evaluation_without_evaluating_twice(tmp_path):
+    task = make_toy_task(settings(steps=20, eval_every=4))
+    evaluate, calls = task.evaluate, []
+    task.evaluate = lambda module: calls.append(1) or evaluate(module)
+    task.stop_when = lambda metrics: "good enough" if len(calls) == 2 else None
+    result = Trainer(task, run_dir=tmp_path, **QUIET).fit()
+    assert result.stopped_early == "good enough" and result.step == 8
+    last_eval = [event for event in result.history if event["kind"] == "eval"][-1]
+    assert len(calls) == 2 and result.eval_metrics == {"val_loss": last_eval["val_loss"]}
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000008"
+
+
+def test_start_hook_learns_the_run_folder_and_the_step_of_each_batch(tmp_path):
+    task = make_toy_task(settings(steps=4, grad_accum=2, checkpoint_every=2))
+    seen, train_batch = [], task.train_batch
+    task.start = seen.append
+    Trainer(task, run_dir=tmp_path, **QUIET).fit()
+    (run,) = seen
+    assert run.run_dir == tmp_path and run.start_step == 0 and run.world_size == 1
+    assert [run.step_of(i) for i in range(6)] == [0, 0, 1, 1, 2, 2]
+    task = make_toy_task(settings(steps=6, grad_accum=2, checkpoint_every=2))
+    task.start, task.train_batch = seen.append, train_batch
+    Trainer(task, run_dir=tmp_path, resume=True, **QUIET).fit()
+    assert seen[-1].start_step == 4

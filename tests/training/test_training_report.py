@@ -64,3 +64,20 @@ def test_a_failing_system_gets_a_failed_section(toy_systems, tmp_path, monkeypat
     summary = run_demo(tmp_path, systems=["toy"], budget_s=1)
     assert summary["systems"]["toy"]["status"] == "failed"
     assert "no data today" in (tmp_path / "report.html").read_text()
+
+
+def test_a_system_with_a_larger_share_gets_a_longer_demo_budget(toy_systems, tmp_path, monkeypatch):
+    budgets = {}
+
+    def record(name):
+        def demo(out_dir, *, budget_s, quick=False):
+            budgets[name] = budget_s
+            return ReportSection(title=name, summary="", train_seconds=0.0)
+
+        return demo
+
+    for name, system in toy_systems.items():
+        monkeypatch.setattr(system, "demo", record(name))
+    monkeypatch.setattr(toy_systems["toy2"], "demo_budget_share", 2.5)
+    summary = run_demo(tmp_path, budget_s=4)
+    assert budgets == {"toy": 4, "toy2": 10} and summary["budget_s"] == budgets

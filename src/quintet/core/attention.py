@@ -186,6 +186,8 @@ class Attention(nn.Module):
             raise ValueError("context: cross-attention needs a context (or a cache holding its keys)")
         k, v = self.context_kv(context)
         if cache is not None:
+            # read again at every decoding step: one copy now makes each later read contiguous
+            k, v = k.contiguous(), v.contiguous()
             cache.context_kv = (k, v)
         return q, k, v
 

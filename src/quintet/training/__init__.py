@@ -8,12 +8,13 @@ from quintet.training.checkpoint import (
     resolve_checkpoint,
 )
 from quintet.training.report import plot_series, write_report
-from quintet.training.task import ReportSection, Task, TrainSettings
+from quintet.training.task import ReportSection, RunInfo, Task, TrainSettings
 from quintet.training.trainer import NonFiniteLossError, Trainer, TrainResult
 
 __all__ = [
     "NonFiniteLossError",
     "ReportSection",
+    "RunInfo",
     "Task",
     "TrainResult",
     "TrainSettings",

@@ -1,8 +1,10 @@
 """``quintet demo``: train every landed system's ``demo`` preset for a fixed time, report the results.
 
 Each system gets a fixed training-time budget (not a step count), so the demo ends on time on a
-slow machine too: with all five systems, :data:`TRAIN_BUDGET_S` of training each plus evaluation and
-sampling stays within 20 minutes on 2 CPU cores (``--quick``: 5 minutes). The report
+slow machine too: :data:`TRAIN_BUDGET_S` times the system's ``demo_budget_share`` (a system that
+needs longer, e.g. reinforcement learning that must collect its data, takes a larger share); with all
+five systems, training plus evaluation and sampling stays within 20 minutes on 2 CPU cores
+(``--quick``: 5 minutes). The report
 (``runs/demo/report.html``) is one self-contained HTML file with a section per system, next to a
 ``summary.json`` for scripts.
 """
@@ -65,6 +67,7 @@ def run_default_demo(system: System, out_dir: Path, *, budget_s: float, quick: b
         raise ValueError(f"preset: {system.name} has no {DEMO_PRESET!r} preset; available: {', '.join(presets)}")
     preset = presets[DEMO_PRESET]
     settings = replace(preset.settings, time_budget_s=budget_s)
+    torch.manual_seed(settings.seed)
     task = system.make_task(preset, settings=settings)
     run_config = {"system": system.name, "preset": preset.name, "data": None, "demo": True, "quick": quick}
     trainer = Trainer(task, run_dir=out_dir, device="auto", run_config=run_config)
@@ -123,15 +126,16 @@ def run_demo(
     if budget_s is not None and not budget_s > 0:
         raise ValueError(f"budget_s: expected seconds > 0, got {budget_s}")
     per_system = budget_s if budget_s is not None else TRAIN_BUDGET_S[quick]
+    budgets = {name: per_system * available[name].demo_budget_share for name in names}
 
     started = time.perf_counter()
     sections: list[ReportSection] = []
     results: dict[str, Any] = {}
     for name in names:
-        print(f"[demo] {name}: training its {DEMO_PRESET!r} preset for {per_system:.0f} s", flush=True)
+        print(f"[demo] {name}: training its {DEMO_PRESET!r} preset for {budgets[name]:.0f} s", flush=True)
         system_start = time.perf_counter()
         try:
-            section = available[name].demo(out_dir / name, budget_s=per_system, quick=quick)
+            section = available[name].demo(out_dir / name, budget_s=budgets[name], quick=quick)
         except Exception as error:  # one failing system still leaves a report of the others
             message = f"{type(error).__name__}: {error}"
             print(f"[demo] {name} failed: {message}", flush=True)
@@ -150,14 +154,15 @@ def run_demo(
     total = time.perf_counter() - started
     intro = (
         f"{'Quick demo' if quick else 'Demo'}: each system trained its {DEMO_PRESET!r} preset on embedded data "
-        f"(no download) for a fixed {per_system:.0f} s budget, then was evaluated and sampled. "
+        f"(no download) for a fixed time budget ({', '.join(f'{n} {b:.0f} s' for n, b in budgets.items())}), "
+        "then was evaluated and sampled. "
         f"Total {total:.0f} s on {torch.get_num_threads()} CPU thread(s)"
         f"{' and ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}."
     )
     report = write_report(out_dir / "report.html", sections, title="quintet demo", intro=intro)
     summary = {
         "quick": quick,
-        "budget_s_per_system": per_system,
+        "budget_s": budgets,
         "total_seconds": total,
         "report": str(report),
         "systems": results,

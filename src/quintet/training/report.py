@@ -136,9 +136,7 @@ def render_section(section: ReportSection) -> str:
     return "\n".join(parts)
 
 
-def write_report(
-    path: str | os.PathLike, sections: Sequence[ReportSection], *, title: str, intro: str = ""
-) -> Path:
+def write_report(path: str | os.PathLike, sections: Sequence[ReportSection], *, title: str, intro: str = "") -> Path:
     """Write a self-contained HTML report: the intro, then one section per system."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,8 +146,10 @@ def write_report(
     if sections:
         body.extend(render_section(section) for section in sections)
     else:
-        body.append("<p><strong>No systems have landed yet</strong>: the registry lists none, so there is nothing to "
-                    "train. Each system adds its section here when its package registers.</p>")
+        body.append(
+            "<p><strong>No systems have landed yet</strong>: the registry lists none, so there is nothing to "
+            "train. Each system adds its section here when its package registers.</p>"
+        )
     document = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"

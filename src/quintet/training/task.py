@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +80,11 @@ class Task:
     - ``batch_tokens(batch) -> int``: tokens in a micro-batch, for the tokens/s readout (without it the
       progress line shows samples/s). Read tensor shapes only: a value read from a tensor's data
       would synchronise the device every step.
+    - ``start(run) -> None``: called once the run folder, the process group and any checkpoint are
+      set up, before the first batch; a task that keeps data beside its checkpoints (an online
+      replay buffer) learns where here (:class:`RunInfo`).
+    - ``stop_when(eval_metrics) -> reason | None``: after each evaluation, a reason to end training
+      early (e.g. "target return reached"), or None to go on. Every rank sees the same metrics.
     """
 
     model: nn.Module
@@ -91,6 +97,24 @@ class Task:
     after_step: Callable[[int], None] | None = None
     """called after each optimizer step (e.g. to update a target network)"""
     batch_tokens: Callable[[Any], int] | None = None
+    start: Callable[[RunInfo], None] | None = None
+    stop_when: Callable[[dict[str, float]], str | None] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunInfo:
+    """Where and how a Trainer runs a task: what :attr:`Task.start` receives."""
+
+    run_dir: Path
+    rank: int
+    world_size: int
+    grad_accum: int
+    start_step: int
+    """0 for a fresh run, the checkpoint's step when resuming"""
+
+    def step_of(self, index: int) -> int:
+        """The optimizer step that asks for micro-batch ``index`` (see :class:`Task`)."""
+        return index // (self.grad_accum * self.world_size)
 
 
 @dataclass(kw_only=True)

@@ -53,7 +53,7 @@ from quintet.training.distributed import (
 )
 from quintet.training.progress import METRICS_FILE, TENSORBOARD_DIR, RunLogger, format_rate
 from quintet.training.report import plot_loss_curves
-from quintet.training.task import Task
+from quintet.training.task import RunInfo, Task
 
 PARALLEL_MODES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -210,6 +210,7 @@ class Trainer:
         self._latest_checkpoint: Path | None = None
         self._last_saved_step: int | None = None
         self._stop_requested = threading.Event()
+        self._last_eval: tuple[int, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ public helpers
 
@@ -227,9 +228,23 @@ class Trainer:
         previous_handler = self._install_interrupt_handler()
         try:
             self._setup()
+            if self.task.start is not None:
+                self.task.start(
+                    RunInfo(
+                        run_dir=self.run_dir,
+                        rank=self.context.rank,
+                        world_size=self.context.world_size,
+                        grad_accum=self.settings.grad_accum,
+                        start_step=self.step,
+                    )
+                )
             stopped_early = self._train_loop()
             seconds = self._elapsed()
-            eval_metrics = self._evaluate() if self.task.evaluate is not None else {}
+            eval_metrics = {}
+            if self.task.evaluate is not None:
+                # a run that stopped right after an evaluation (stop_when) is not evaluated twice
+                evaluated_now = self._last_eval is not None and self._last_eval[0] == self.step
+                eval_metrics = self._last_eval[1] if evaluated_now else self._evaluate()
             if self._last_saved_step != self.step:
                 self._save_checkpoint()
             loss_curve = None
@@ -510,7 +525,10 @@ class Trainer:
                 self._log_train()
             if settings.eval_every and self.step % settings.eval_every == 0 and self.step != settings.steps:
                 if task.evaluate is not None:
-                    self._paused(self._evaluate)
+                    metrics = self._paused(self._evaluate)
+                    stopped_early = task.stop_when(metrics) if task.stop_when is not None else None
+                    if stopped_early:
+                        break
             if settings.checkpoint_every and self.step % settings.checkpoint_every == 0:
                 if self.step != settings.steps:
                     self._paused(self._save_checkpoint)
@@ -620,6 +638,7 @@ class Trainer:
         if train_events:
             event["loss"] = train_events[-1]["loss"]
         event.update(metrics)
+        self._last_eval = (self.step, metrics)
         self.history.append(event)
         self.logger.record(event)
         self.logger.show_eval(event)

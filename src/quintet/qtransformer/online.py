@@ -1,0 +1,113 @@
+"""Online-offline rounds inside one Trainer run: the replay data grows while the model trains.
+
+Round 0 is ``initial_episodes`` uniform-random episodes. At the first optimizer step of round
+``r >= 1`` (step ``r * steps_per_round``) the model as it is then collects ``episodes_per_round``
+epsilon-greedy episodes, epsilon decaying linearly over the run's rounds, and training goes on
+over everything collected so far (offline Q-learning on a growing dataset).
+
+Each round is a :class:`ReplayDataset` folder of the run (``replay/round-0003``), written before the
+round's first batch and collected with environment seeds and an exploration generator fixed by the
+round. A resumed run reads the rounds it already has and collects the later ones exactly as an
+uninterrupted run would, since checkpoint resume restores the very model a round collects with.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quintet.qtransformer.data import META_FILE, ActionDiscretiser, Episode, ReplayDataset, rollout
+from quintet.qtransformer.envs import greedy_policy, make_env, random_policy, write_dataset
+from quintet.qtransformer.model import QTransformer
+from quintet.qtransformer.presets import RLSettings
+from quintet.training.task import RunInfo
+
+REPLAY_DIR = "replay"
+COLLECT_SEED = 100_000
+"""collection episodes of run seed ``s`` use env seeds from ``COLLECT_SEED * (s + 1)`` on (evaluation: 10_000)"""
+
+
+class OnlineReplay:
+    """The growing replay data of one run; :meth:`dataset_for` serves micro-batch ``index``'s dataset."""
+
+    def __init__(self, model: QTransformer, rl: RLSettings, *, total_steps: int, seed: int = 0):
+        if rl.steps_per_round < 1:
+            raise ValueError(f"steps_per_round: an online run needs >= 1, got {rl.steps_per_round}")
+        self.model, self.rl, self.seed = model, rl, seed
+        self.rounds = math.ceil(total_steps / rl.steps_per_round)
+        self.envs = make_env(rl.env_id, rl.collect_envs)
+        self.discretiser = ActionDiscretiser.from_space(self.envs[0].action_space, model.config.action_bins)
+        if (self.discretiser.num_actions, self.discretiser.bins) != (
+            model.config.num_actions,
+            model.config.action_bins,
+        ):
+            raise ValueError(
+                f"model: {rl.env_id} acts in {self.discretiser.num_actions} x {self.discretiser.bins} bins, the model "
+                f"in {model.config.num_actions} x {model.config.action_bins}"
+            )
+        self.run: RunInfo | None = None
+        self.folder: Path | None = None
+        self.episodes: list[Episode] = []
+        self.rounds_loaded = 0
+        self.dataset: ReplayDataset | None = None
+
+    def start(self, run: RunInfo) -> None:
+        """Bind to a Trainer run: a fresh run replaces the rounds an earlier run left in the folder."""
+        self.run = run
+        self.folder = run.run_dir / REPLAY_DIR
+        if run.world_size > 1:
+            # every rank collects the same episodes (same weights, same seeds); each keeps its own copy
+            self.folder = self.folder / f"rank-{run.rank}"
+        if run.start_step == 0 and self.folder.is_dir():
+            shutil.rmtree(self.folder)
+        self.episodes, self.rounds_loaded, self.dataset = [], 0, None
+
+    def epsilon(self, round_index: int) -> float:
+        start, end = self.rl.epsilon
+        progress = (round_index - 1) / max(1, self.rounds - 2)
+        return start + (end - start) * min(1.0, progress)
+
+    def dataset_for(self, index: int) -> ReplayDataset:
+        if self.run is None:
+            raise RuntimeError("replay: an online task collects inside a Trainer run (Task.start names its folder)")
+        step = self.run.step_of(index)
+        current = step // self.rl.steps_per_round
+        while self.rounds_loaded <= current:
+            self.episodes += self._round(self.rounds_loaded, step)
+            self.rounds_loaded += 1
+            self.dataset = None
+        if self.dataset is None:
+            self.dataset = write_dataset(self.folder / "all", self.episodes, self.rl, self.discretiser)
+        return self.dataset
+
+    def _round(self, round_index: int, step: int) -> list[Episode]:
+        path = self.folder / f"round-{round_index:04d}"
+        if (path / META_FILE).is_file():  # the meta file is written last: its presence means complete
+            saved = ReplayDataset(path)
+            return [saved.episode(i) for i in range(saved.num_episodes)]
+        first_step = round_index * self.rl.steps_per_round
+        if step != first_step:
+            raise RuntimeError(
+                f"replay: {path} is missing; round {round_index} is collected at step {first_step} and this run "
+                f"is at step {step} (resume needs the run folder's replay/ beside its checkpoints)"
+            )
+        episodes = self._collect(round_index)
+        write_dataset(path, episodes, self.rl, self.discretiser)
+        return episodes
+
+    def _collect(self, round_index: int) -> list[Episode]:
+        rl = self.rl
+        first_seed = COLLECT_SEED * (self.seed + 1)
+        if round_index == 0:
+            policy = random_policy(self.discretiser, np.random.default_rng((self.seed, 0)))
+            return rollout(self.envs, policy, rl.initial_episodes, discretiser=self.discretiser, seed=first_seed)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
+        policy = greedy_policy(self.model, epsilon=self.epsilon(round_index), generator=generator)
+        seed = first_seed + rl.initial_episodes + (round_index - 1) * rl.episodes_per_round
+        # the global RNG belongs to training (dropout, ...): collecting must not move it
+        with torch.random.fork_rng(devices=[]):
+            return rollout(self.envs, policy, rl.episodes_per_round, discretiser=self.discretiser, seed=seed)
