@@ -223,3 +223,56 @@ def test_image_observations_stack_as_channels_frames_height_width(tmp_path):
     assert batch["obs"].shape == (1, 3, 2, 8, 8) and batch["obs"].dtype == torch.float32
     torch.testing.assert_close(batch["obs"][0, :, 1], torch.from_numpy(images[2]).float() / 255)
     torch.testing.assert_close(batch["obs"][0, :, 0], torch.from_numpy(images[1]).float() / 255)
+
+
+class CounterEnv(gym.Env):
+    """Observation = the step number; episodes last ``length`` steps."""
+
+    observation_space = gym.spaces.Box(0.0, 100.0, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, length: int = 4):
+        self.length, self.t = length, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0], dtype=np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([float(self.t)], dtype=np.float32), 1.0, self.t >= self.length, False, {}
+
+
+def test_rollout_shows_the_policy_stacked_frames_like_the_dataset(tmp_path):
+    seen = []
+
+    def policy(observations):
+        seen.append(observations[0, :, 0].tolist())
+        return np.zeros((len(observations), 1), dtype=np.int64)
+
+    discretiser = ActionDiscretiser.from_space(CounterEnv.action_space)
+    dataset = collect_episodes(
+        CounterEnv(),
+        policy,
+        1,
+        tmp_path / "counter",
+        discretiser=discretiser,
+        reward_scaler=RewardScaler(low=0.0, high=1.0),
+        gamma=0.9,
+        frames=3,
+    )
+    assert seen == [[0, 0, 0], [0, 0, 1], [0, 1, 2], [1, 2, 3]]
+    # the dataset stacks the frames the policy saw
+    assert dataset.batch(np.arange(4))["obs"][:, :, 0].tolist() == seen
+    with pytest.raises(ValueError, match="frames"):
+        collect_episodes(
+            CounterEnv(),
+            policy,
+            1,
+            tmp_path / "x",
+            discretiser=discretiser,
+            reward_scaler=RewardScaler(low=0.0, high=1.0),
+            gamma=0.9,
+            frames=0,
+        )

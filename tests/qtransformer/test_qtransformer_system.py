@@ -145,3 +145,21 @@ def test_cartpole_preset_trains_online_and_stops_at_its_target():
     task = QTransformerSystem().make_task(QTransformerSystem().presets()["cartpole"])
     assert task.start is not None
     assert task.stop_when({"eval_return_mean": 480.0}) and task.stop_when({"eval_return_mean": 300.0}) is None
+
+
+def test_greedy_policy_takes_stacked_states_and_images_as_dataset_batches_give_them():
+    from quintet.qtransformer import MaxViTConfig
+
+    states = QTransformer(replace(CARTPOLE, frames=3)).eval()
+    stacked = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    expected = states.get_optimal_actions(torch.from_numpy(stacked))
+    assert np.array_equal(greedy_policy(states)(stacked), expected.reshape(2, -1).numpy())
+    with pytest.raises(ValueError, match="observations"):
+        greedy_policy(states)(np.zeros((2, 1, 3, 4), dtype=np.float32))
+
+    encoder = MaxViTConfig(channels=3, dim=32, depth=(1,), window_size=2, heads=2, dim_head=8)
+    images = QTransformer(replace(CARTPOLE, encoder=encoder, frames=2)).eval()
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 2, 3, 8, 8), dtype=np.uint8)  # (k, f, c, h, w)
+    as_batch = torch.from_numpy(pixels).float().div(255).permute(0, 2, 1, 3, 4)
+    expected = images.get_optimal_actions(as_batch)
+    assert np.array_equal(greedy_policy(images)(pixels), expected.reshape(2, -1).numpy())

@@ -360,7 +360,8 @@ class ReplayDataset:
 
 
 Policy = Callable[[np.ndarray], np.ndarray]
-"""``policy(observations (k, ...)) -> bins (k, d)``: one row per environment stepped together."""
+"""``policy(observations (k, ...)) -> bins (k, d)``: one row per environment stepped together; with
+``frames > 1`` the rows are the last ``frames`` observations ``(k, frames, ...)``, as in a dataset batch."""
 
 
 def _as_envs(env: Any) -> list:
@@ -379,10 +380,17 @@ def rollout(
     seed: int = 0,
     max_steps: int | None = None,
     text_embed: np.ndarray | None = None,
+    frames: int = 1,
 ) -> list[Episode]:
-    """Run ``n`` episodes (seeds ``seed, seed + 1, ...``); several envs step in lockstep, batching the policy."""
+    """Run ``n`` episodes (seeds ``seed, seed + 1, ...``); several envs step in lockstep, batching the policy.
+
+    ``frames > 1`` shows the policy each env's last ``frames`` observations, the episode's first one
+    repeated before it has that many (the stacking :class:`ReplayDataset` trains on).
+    """
     if n < 1:
         raise ValueError(f"n: expected >= 1 episodes, got {n}")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames: expected an integer >= 1, got {frames!r}")
     envs = _as_envs(env)
     episodes: list[Episode] = []
     next_seed = seed
@@ -394,11 +402,18 @@ def rollout(
         next_seed += 1
         active[slot] = {"obs": [np.asarray(observation)], "actions": [], "rewards": [], "term": [], "trunc": []}
 
+    def policy_input(slot: int) -> np.ndarray:
+        history = active[slot]["obs"]
+        if frames == 1:
+            return history[-1]
+        recent = history[-frames:]
+        return np.stack([history[0]] * (frames - len(recent)) + recent)
+
     for slot in range(min(len(envs), n)):
         start(slot)
     while active:
         slots = sorted(active)
-        bins = np.asarray(policy(np.stack([active[s]["obs"][-1] for s in slots])))
+        bins = np.asarray(policy(np.stack([policy_input(s) for s in slots])))
         if bins.shape != (len(slots), discretiser.num_actions):
             raise ValueError(f"policy: expected bins ({len(slots)}, {discretiser.num_actions}), got {bins.shape}")
         env_actions = discretiser.from_bins(bins)
@@ -444,8 +459,11 @@ def collect_episodes(
     n_step: int = 1,
 ) -> ReplayDataset:
     """Run ``policy`` for ``n`` episodes of ``env`` (an Env, or a list stepped in lockstep) and write
-    them as a :class:`ReplayDataset` at ``path``."""
-    episodes = rollout(env, policy, n, discretiser=discretiser, seed=seed, max_steps=max_steps, text_embed=text_embed)
+    them as a :class:`ReplayDataset` at ``path``; ``frames`` stacks observations for the policy and
+    for the dataset's batches alike."""
+    episodes = rollout(
+        env, policy, n, discretiser=discretiser, seed=seed, max_steps=max_steps, text_embed=text_embed, frames=frames
+    )
     env_id = getattr(getattr(_as_envs(env)[0], "spec", None), "id", None)
     return ReplayDataset.write(
         path,
@@ -460,9 +478,12 @@ def collect_episodes(
     )
 
 
-def evaluate(env: Any, policy: Policy, n: int, *, discretiser: ActionDiscretiser, seed: int = 0) -> np.ndarray:
+def evaluate(
+    env: Any, policy: Policy, n: int, *, discretiser: ActionDiscretiser, seed: int = 0, frames: int = 1
+) -> np.ndarray:
     """Undiscounted returns of ``n`` episodes with seeds ``seed, seed + 1, ...`` (envs of a list step in lockstep)."""
-    return np.asarray([e.raw_return for e in rollout(env, policy, n, discretiser=discretiser, seed=seed)])
+    episodes = rollout(env, policy, n, discretiser=discretiser, seed=seed, frames=frames)
+    return np.asarray([e.raw_return for e in episodes])
 
 
 # ---------------------------------------------------------------------------- Minari

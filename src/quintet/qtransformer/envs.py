@@ -22,13 +22,30 @@ def make_env(env_id: str, count: int = 1) -> list:
     return [gym.make(env_id) for _ in range(count)]
 
 
-def greedy_policy(model: QTransformer, *, epsilon: float = 0.0, generator: torch.Generator | None = None):
-    """A ``Policy`` (numpy observations ``(k, s)`` -> bins ``(k, d)``) acting with one frame."""
+def model_observations(model: QTransformer, observations: np.ndarray) -> torch.Tensor:
+    """Environment observations as the model takes them, converted as :class:`ReplayDataset` batches are.
 
-    device = next(model.parameters()).device
+    States ``(k, s)`` or stacked ``(k, f, s)`` -> ``(k, f, s)``; images ``(k, c, h, w)`` or stacked
+    ``(k, f, c, h, w)`` -> ``(k, c, f, h, w)``, uint8 pixels scaled to [0, 1].
+    """
+    obs = torch.as_tensor(np.asarray(observations))
+    obs = obs.float() / 255.0 if obs.dtype == torch.uint8 else obs.float()
+    single_frame_ndim = 4 if model.config.is_image else 2
+    if obs.ndim == single_frame_ndim:
+        obs = obs[:, None]
+    elif obs.ndim != single_frame_ndim + 1:
+        kind = "images (k, [f,] c, h, w)" if model.config.is_image else "states (k, [f,] s)"
+        raise ValueError(f"observations: expected {kind}, got shape {tuple(obs.shape)}")
+    if model.config.is_image:
+        obs = obs.permute(0, 2, 1, 3, 4)
+    return obs.to(next(model.parameters()).device)
+
+
+def greedy_policy(model: QTransformer, *, epsilon: float = 0.0, generator: torch.Generator | None = None):
+    """A ``Policy`` (observations ``(k, [frames,] ...)`` -> bins ``(k, d)``): greedy, or epsilon-greedy."""
 
     def policy(observations: np.ndarray) -> np.ndarray:
-        obs = torch.as_tensor(np.asarray(observations), dtype=torch.float32, device=device)[:, None]
+        obs = model_observations(model, observations)
         if epsilon > 0:
             bins = model.get_actions(obs, epsilon, generator=generator)
         else:
@@ -57,8 +74,11 @@ def lunar_heuristic_policy(env, noise: float, rng: np.random.Generator, discreti
     return policy
 
 
-def write_dataset(path: Path, episodes: list[Episode], rl: RLSettings, discretiser: ActionDiscretiser) -> ReplayDataset:
-    """``episodes`` as a ReplayDataset with the preset's reward scaling, discount and n-step windows."""
+def write_dataset(
+    path: Path, episodes: list[Episode], rl: RLSettings, discretiser: ActionDiscretiser, *, frames: int = 1
+) -> ReplayDataset:
+    """``episodes`` as a ReplayDataset with the preset's reward scaling, discount and n-step windows,
+    opened to stack ``frames`` observations per sample."""
     return ReplayDataset.write(
         path,
         episodes,
@@ -67,5 +87,6 @@ def write_dataset(path: Path, episodes: list[Episode], rl: RLSettings, discretis
         action_bins=discretiser.bins,
         discretiser=discretiser,
         env_id=rl.env_id,
+        frames=frames,
         n_step=rl.n_step,
     )

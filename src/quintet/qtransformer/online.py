@@ -81,7 +81,9 @@ class OnlineReplay:
             self.rounds_loaded += 1
             self.dataset = None
         if self.dataset is None:
-            self.dataset = write_dataset(self.folder / "all", self.episodes, self.rl, self.discretiser)
+            self.dataset = write_dataset(
+                self.folder / "all", self.episodes, self.rl, self.discretiser, frames=self.model.config.frames
+            )
         return self.dataset
 
     def _round(self, round_index: int, step: int) -> list[Episode]:
@@ -102,12 +104,17 @@ class OnlineReplay:
     def _collect(self, round_index: int) -> list[Episode]:
         rl = self.rl
         first_seed = COLLECT_SEED * (self.seed + 1)
+        frames = self.model.config.frames
         if round_index == 0:
             policy = random_policy(self.discretiser, np.random.default_rng((self.seed, 0)))
-            return rollout(self.envs, policy, rl.initial_episodes, discretiser=self.discretiser, seed=first_seed)
+            return rollout(
+                self.envs, policy, rl.initial_episodes, discretiser=self.discretiser, seed=first_seed, frames=frames
+            )
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
         policy = greedy_policy(self.model, epsilon=self.epsilon(round_index), generator=generator)
         seed = first_seed + rl.initial_episodes + (round_index - 1) * rl.episodes_per_round
         # the global RNG belongs to training (dropout, ...): collecting must not move it
         with torch.random.fork_rng(devices=[]):
-            return rollout(self.envs, policy, rl.episodes_per_round, discretiser=self.discretiser, seed=seed)
+            return rollout(
+                self.envs, policy, rl.episodes_per_round, discretiser=self.discretiser, seed=seed, frames=frames
+            )

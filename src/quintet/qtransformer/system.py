@@ -10,7 +10,7 @@ import torch
 
 from quintet.data import cache_dir
 from quintet.qtransformer.config import QTransformerConfig
-from quintet.qtransformer.data import ActionDiscretiser, ReplayDataset, RewardScaler, evaluate, rollout
+from quintet.qtransformer.data import META_FILE, ActionDiscretiser, ReplayDataset, evaluate, rollout
 from quintet.qtransformer.envs import (
     EVAL_SEED,
     greedy_policy,
@@ -27,26 +27,19 @@ from quintet.registry import Preset, System, register
 from quintet.training.task import ReportSection, Task, TrainSettings
 
 
-def lunarlander_dataset(settings: RLSettings, action_bins: int, *, seed: int = 0) -> ReplayDataset:
+def lunarlander_dataset(settings: RLSettings, action_bins: int, *, seed: int = 0, frames: int = 1) -> ReplayDataset:
     """The fixed offline dataset: noisy heuristic-controller episodes, generated once and cached."""
-    path = cache_dir() / f"lunarlander-heuristic-{settings.dataset_episodes}-noise{settings.action_noise}-seed{seed}"
-    if (path / "meta.json").is_file():
-        return ReplayDataset(path, n_step=settings.n_step)
-    envs = make_env(settings.env_id, 8)
-    discretiser = ActionDiscretiser.from_space(envs[0].action_space, action_bins)
-    rng = np.random.default_rng(seed)
-    policy = lunar_heuristic_policy(envs[0], settings.action_noise, rng, discretiser)
-    episodes = rollout(envs, policy, settings.dataset_episodes, discretiser=discretiser, seed=seed)
-    return ReplayDataset.write(
-        path,
-        episodes,
-        reward_scaler=RewardScaler.for_discount(settings.reward_low, settings.reward_high, settings.gamma),
-        gamma=settings.gamma,
-        action_bins=action_bins,
-        discretiser=discretiser,
-        env_id=settings.env_id,
-        n_step=settings.n_step,
+    name = (
+        f"lunarlander-heuristic-{settings.dataset_episodes}-noise{settings.action_noise}-bins{action_bins}-seed{seed}"
     )
+    path = cache_dir() / name
+    if (path / META_FILE).is_file():
+        return ReplayDataset(path, frames=frames, n_step=settings.n_step)
+    envs = make_env(settings.env_id, settings.collect_envs)
+    discretiser = ActionDiscretiser.from_space(envs[0].action_space, action_bins)
+    policy = lunar_heuristic_policy(envs[0], settings.action_noise, np.random.default_rng(seed), discretiser)
+    episodes = rollout(envs, policy, settings.dataset_episodes, discretiser=discretiser, seed=seed)
+    return write_dataset(path, episodes, settings, discretiser, frames=frames)
 
 
 class QTransformerSystem(System):
@@ -152,7 +145,7 @@ class QTransformerSystem(System):
         elif rl.steps_per_round:
             source = OnlineReplay(model, rl, total_steps=settings.steps, seed=settings.seed)
         elif preset.name == "lunarlander-offline":
-            source = lunarlander_dataset(rl, preset.model_config.action_bins)
+            source = lunarlander_dataset(rl, preset.model_config.action_bins, frames=preset.model_config.frames)
         else:
             source = random_dataset(rl, preset.model_config, cache_dir() / f"{preset.name}-random")
         return build_task(model, source, rl, settings)
@@ -168,7 +161,8 @@ def random_dataset(rl: RLSettings, config: QTransformerConfig, path: Path, *, se
     envs = make_env(rl.env_id, rl.collect_envs)
     discretiser = ActionDiscretiser.from_space(envs[0].action_space, config.action_bins)
     policy = random_policy(discretiser, np.random.default_rng(seed))
-    return write_dataset(path, rollout(envs, policy, rl.initial_episodes, discretiser=discretiser), rl, discretiser)
+    episodes = rollout(envs, policy, rl.initial_episodes, discretiser=discretiser)
+    return write_dataset(path, episodes, rl, discretiser, frames=config.frames)
 
 
 def build_task(
@@ -205,6 +199,7 @@ def build_task(
             rl.eval_episodes,
             discretiser=source.discretiser,
             seed=EVAL_SEED,
+            frames=model.config.frames,
         )
         return {"eval_return_mean": float(returns.mean()), "eval_return_std": float(returns.std())}
 
