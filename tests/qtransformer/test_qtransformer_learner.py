@@ -97,14 +97,17 @@ def batch(model: QTransformer, size=8, seed=0):
     return out
 
 
-def test_targets_come_from_the_target_network():
-    model = make()
+@pytest.mark.parametrize("num_actions, text", [(2, False), (3, True)])
+def test_targets_come_from_the_target_network(num_actions, text):
+    model = make(num_actions, text)
     learner = QLearner(model, gamma=GAMMA, mc_lower_bound=False)
     data = batch(model)
     with torch.no_grad():
         model.q_head.q_bias.add_(1.0)  # the online model moves, the target does not
-    q_along = learner.target(data["obs"], actions=data["actions"])
-    next_q = learner.target(data["next_obs"])[:, 0]
+    # each pass on its own: Q along the data's actions at s, and the first dimension's Q at s'
+    text_embeds = data.get("text_embeds")
+    q_along = learner.target(data["obs"], actions=data["actions"], text_embeds=text_embeds)
+    next_q = learner.target(data["next_obs"], text_embeds=text_embeds)[:, 0]
     expected = td_targets(next_q, q_along, data["rewards"], data["dones"], gamma=GAMMA)
     torch.testing.assert_close(learner.targets(data), expected)
 

@@ -109,11 +109,20 @@ class QLearner:
         """Regression targets for the Q-value of each taken bin, ``(b, d)``, from the target network."""
         batch = self._check_batch(batch)
         text = batch.get("text_embeds")
-        actions = batch["actions"].reshape(batch["obs"].shape[0], -1)
-        next_q = self.target(batch["next_obs"], text_embeds=text)
+        b = batch["obs"].shape[0]
+        actions = batch["actions"].reshape(b, -1)
         q_along_actions = None
-        if actions.shape[1] > 1:
-            q_along_actions = self.target(batch["obs"], actions=actions, text_embeds=text)
+        if actions.shape[1] == 1:
+            next_q = self.target(batch["next_obs"], text_embeds=text)
+        else:
+            # one target pass over s and s': the first dimension's Q-values come before any action token
+            # of the causal decoder, so s' can carry the data's actions without changing them
+            both = self.target(
+                torch.cat((batch["obs"], batch["next_obs"])),
+                actions=actions.repeat(2, 1),
+                text_embeds=None if text is None else text.repeat(2, 1),
+            )
+            q_along_actions, next_q = both[:b], both[b:, 0]
         return td_targets(
             next_q if next_q.ndim == 2 else next_q[:, 0],
             q_along_actions,
