@@ -15,7 +15,7 @@ from quintet.qtransformer import (
     from_minari,
     to_minari,
 )
-from quintet.qtransformer.data import discounted_returns
+from quintet.qtransformer.data import discounted_returns, rollout
 from quintet.qtransformer.system import QTransformerSystem
 
 
@@ -266,13 +266,4 @@ def test_rollout_shows_the_policy_stacked_frames_like_the_dataset(tmp_path):
     # the dataset stacks the frames the policy saw
     assert dataset.batch(np.arange(4))["obs"][:, :, 0].tolist() == seen
     with pytest.raises(ValueError, match="frames"):
-        collect_episodes(
-            CounterEnv(),
-            policy,
-            1,
-            tmp_path / "x",
-            discretiser=discretiser,
-            reward_scaler=RewardScaler(low=0.0, high=1.0),
-            gamma=0.9,
-            frames=0,
-        )
+        rollout(CounterEnv(), policy, 1, discretiser=discretiser, frames=0)
