@@ -88,7 +88,7 @@ def test_learner_trains_on_dataset_batches(tmp_path):
     model = system.build_model(system.presets()["tiny"])
     write(
         tmp_path,
-        [episode(6, obs_dim=4, text=None), episode(5, obs_dim=4, terminated=False)],
+        [episode(6, obs_dim=8, text=None), episode(5, obs_dim=8, terminated=False)],
     )
     dataset = ReplayDataset(tmp_path / "replay", frames=2, n_step=2)
     loss, metrics = QLearner(model, n_step=2).loss(dataset.batch(np.arange(len(dataset))))

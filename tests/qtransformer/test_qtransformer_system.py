@@ -163,3 +163,13 @@ def test_greedy_policy_takes_stacked_states_and_images_as_dataset_batches_give_t
     as_batch = torch.from_numpy(pixels).float().div(255).permute(0, 2, 1, 3, 4)
     expected = images.get_optimal_actions(as_batch)
     assert np.array_equal(greedy_policy(images)(pixels), expected.reshape(2, -1).numpy())
+
+
+def test_tiny_preset_trains_end_to_end_with_stacked_frames(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUINTET_CACHE", str(tmp_path / "cache"))
+    system = QTransformerSystem()
+    preset = system.presets()["tiny"]
+    task = system.make_task(preset)
+    result = Trainer(task, run_dir=tmp_path / "run", device="cpu", live_progress=False).fit()
+    assert result.step == preset.settings.steps and "eval_return_mean" in result.eval_metrics
+    assert task.train_batch(0)["obs"].shape[1] == preset.model_config.frames == 2

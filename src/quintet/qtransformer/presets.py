@@ -41,7 +41,7 @@ class RLSettings:
 TINY = QTransformerConfig(
     num_actions=2,
     action_bins=5,
-    encoder=StateEncoderConfig(state_dim=4, dim=16, depth=1, num_tokens=2),
+    encoder=StateEncoderConfig(state_dim=8, dim=16, depth=1, num_tokens=2),
     dim=16,
     depth=1,
     heads=2,
@@ -94,7 +94,16 @@ CARTPOLE_RL = RLSettings(
 )
 
 RL_SETTINGS = {
-    "tiny": RLSettings(env_id="CartPole-v1", gamma=0.98, reward_low=0.0, reward_high=1.0),
+    # two action dimensions and two stacked frames, end to end in seconds
+    "tiny": RLSettings(
+        env_id="LunarLanderContinuous-v3",
+        gamma=0.98,
+        reward_low=-10.0,
+        reward_high=10.0,
+        initial_episodes=4,
+        collect_envs=4,
+        eval_episodes=2,
+    ),
     "cartpole": CARTPOLE_RL,
     "demo": CARTPOLE_RL,
     "lunarlander-offline": RLSettings(

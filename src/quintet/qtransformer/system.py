@@ -57,8 +57,8 @@ class QTransformerSystem(System):
             "tiny": Preset(
                 system=self.name,
                 name="tiny",
-                description="smallest 2-dimension model, for tests",
-                data="random transitions",
+                description="smallest model (2 action dimensions, 2 stacked frames), for tests",
+                data="4 uniform-random LunarLanderContinuous-v3 episodes",
                 expected_minutes=0.01,
                 model_config=TINY,
                 settings=TRAIN_SETTINGS["tiny"],
