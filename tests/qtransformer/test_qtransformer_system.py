@@ -173,3 +173,22 @@ def test_tiny_preset_trains_end_to_end_with_stacked_frames(tmp_path, monkeypatch
     result = Trainer(task, run_dir=tmp_path / "run", device="cpu", live_progress=False).fit()
     assert result.step == preset.settings.steps and "eval_return_mean" in result.eval_metrics
     assert task.train_batch(0)["obs"].shape[1] == preset.model_config.frames == 2
+
+
+def test_online_rounds_under_two_processes_collect_the_same_data_and_stay_in_lockstep(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("online_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    replay = tmp_path / "run" / "replay"
+    for name in ("round-0000", "round-0001", "round-0002"):
+        a, b = (np.load(replay / rank / name / "observations.npy") for rank in ("rank-0", "rank-1"))
+        assert np.array_equal(a, b)
