@@ -5,10 +5,10 @@ import torch
 
 from quintet import bench
 
-SUITE = '''
+SUITE = """
 def run(quick=False):
     return {"ratios": {"speedup": 2.5}, "quick": quick}
-'''
+"""
 
 
 def test_run_suites_writes_json_and_prints_table(tmp_path, monkeypatch, capsys):

@@ -206,7 +206,6 @@ class SampleCommand(_CheckpointCommand):
 class EvalCommand(_CheckpointCommand):
     """Evaluate a trained checkpoint; prints the metrics as one JSON object."""
 
-
     def run(self) -> int:
         task, model = _load_for_inference(self.system, self.checkpoint, self.preset, self.device, self.ema)
         if task.evaluate is None:

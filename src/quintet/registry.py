@@ -43,7 +43,8 @@ class System(ABC):
     description: ClassVar[str]
     model_class: ClassVar[type[PretrainedModel]]
     demo_budget_share: ClassVar[float] = 1.0
-    """this system's demo training time, in units of the demo's per-system budget (the total stays fixed)"""
+    """this system's demo training time in units of the demo's per-system budget; the shares of all
+    five systems must keep ``quintet demo`` within its 20 minutes"""
 
     @abstractmethod
     def presets(self) -> dict[str, Preset]: ...

@@ -214,8 +214,11 @@ def test_film_conditioning_starts_neutral_and_is_used():
         (lambda a: a(torch.randint(0, 3, (2, 4, 16))), TypeError, "x: expected a float"),
         (lambda a: a(torch.randn(2, 4, 16), attn_mask=torch.ones(4, 5, dtype=torch.bool)), ValueError, "attn_mask"),
         (lambda a: a(torch.randn(2, 4, 16), attn_mask=torch.ones(4, 4)), TypeError, "attn_mask"),
-        (lambda a: a(torch.randn(2, 4, 16), key_padding_mask=torch.ones(2, 3, dtype=torch.bool)), ValueError,
-         "key_padding_mask"),
+        (
+            lambda a: a(torch.randn(2, 4, 16), key_padding_mask=torch.ones(2, 3, dtype=torch.bool)),
+            ValueError,
+            "key_padding_mask",
+        ),
         (lambda a: a(torch.randn(2, 4, 16), torch.randn(2, 3, 16)), ValueError, "context"),
     ],
 )

@@ -30,7 +30,7 @@ def main(out: Path) -> None:
     settings = TrainSettings(steps=6, batch_size=8, lr=1e-3, warmup_steps=1, eval_every=0, checkpoint_every=2)
     torch.manual_seed(0)
     model = QTransformer(CARTPOLE)
-    task = build_task(model, OnlineReplay(model, ONLINE, total_steps=settings.steps), ONLINE, settings)
+    task = build_task(model, OnlineReplay(model, ONLINE), ONLINE, settings)
     Trainer(task, run_dir=out / "run", device="cpu", live_progress=False).fit()
     torch.save(model.state_dict(), out / f"rank{os.environ['RANK']}.pt")
 

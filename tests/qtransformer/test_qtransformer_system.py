@@ -91,7 +91,7 @@ def online_task(steps: int = 6, *, kill_at_step: int | None = None):
     settings = TrainSettings(steps=steps, batch_size=8, lr=1e-3, warmup_steps=1, eval_every=0, checkpoint_every=2)
     torch.manual_seed(0)
     model = QTransformer(CARTPOLE)
-    task = build_task(model, OnlineReplay(model, ONLINE, total_steps=steps), ONLINE, settings)
+    task = build_task(model, OnlineReplay(model, ONLINE), ONLINE, settings)
     if kill_at_step is not None:
         update_target = task.after_step
 
@@ -135,10 +135,24 @@ def test_online_task_outside_a_trainer_says_what_it_needs():
         online_task().train_batch(0)
 
 
-def test_online_replay_rejects_a_model_of_other_bins():
-    model = QTransformer(replace(CARTPOLE, action_bins=3))
+def test_online_replay_rejects_a_model_it_cannot_act_with():
     with pytest.raises(ValueError, match="bins"):
-        OnlineReplay(model, ONLINE, total_steps=4)
+        OnlineReplay(QTransformer(replace(CARTPOLE, action_bins=3)), ONLINE)
+    with pytest.raises(ValueError, match="condition_on_text"):
+        OnlineReplay(QTransformer(replace(CARTPOLE, condition_on_text=True, text_embed_dim=4)), ONLINE)
+
+
+def test_exploration_decays_over_a_fixed_number_of_rounds():
+    replay = OnlineReplay(QTransformer(CARTPOLE), replace(ONLINE, epsilon=(0.5, 0.1), epsilon_rounds=5))
+    assert [round(replay.epsilon(r), 6) for r in (1, 3, 5, 9)] == [0.5, 0.3, 0.1, 0.1]
+
+
+def test_a_fresh_online_run_replaces_the_replay_an_earlier_run_left(tmp_path):
+    Trainer(online_task(), run_dir=tmp_path, device="cpu", live_progress=False).fit()
+    stale = tmp_path / "replay" / "rank-3" / "round-0000"
+    stale.mkdir(parents=True)
+    Trainer(online_task(steps=2), run_dir=tmp_path, device="cpu", live_progress=False).fit()
+    assert not stale.exists() and sorted(p.name for p in (tmp_path / "replay").iterdir()) == ["all", "round-0000"]
 
 
 def test_cartpole_preset_trains_online_and_stops_at_its_target():

@@ -19,8 +19,15 @@ from quintet.training import Trainer, TrainSettings
 def resume_settings(steps: int) -> TrainSettings:
     """Dropout, an EMA, accumulation and mid-run evaluation: every kind of state a resume must restore."""
     return TrainSettings(
-        steps=steps, batch_size=4, grad_accum=2, warmup_steps=2, eval_every=2, checkpoint_every=3, log_every=1,
-        ema_decay=0.8, lr=3e-3,
+        steps=steps,
+        batch_size=4,
+        grad_accum=2,
+        warmup_steps=2,
+        eval_every=2,
+        checkpoint_every=3,
+        log_every=1,
+        ema_decay=0.8,
+        lr=3e-3,
     )
 
 

@@ -17,8 +17,9 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_train_resume_eval_sample(toy_systems, tmp_path, capsys):
     out = str(tmp_path / "run")
-    code, stdout, _ = run(capsys, "train", "toy", "--preset", "tiny", "--steps", "3", "--batch-size", "2",
-                          "--out", out, "--device", "cpu")
+    code, stdout, _ = run(
+        capsys, "train", "toy", "--preset", "tiny", "--steps", "3", "--batch-size", "2", "--out", out, "--device", "cpu"
+    )
     assert code == 0 and "done: step 3" in stdout
     # resuming takes the checkpoint's preset and settings; flags still override them
     code, stdout, _ = run(capsys, "train", "toy", "--out", out, "--resume", "--steps", "5", "--device", "cpu")

@@ -24,8 +24,20 @@ def torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_two_processes_train_in_lockstep_and_only_rank_0_writes(tmp_path, parallel):
     out = tmp_path / "run"
     steps = ["--steps", "4", "--grad-accum", "2", "--checkpoint-every", "2", "--log-every", "1"]
-    done = torchrun(tmp_path, "train", "toy", "--preset", "tiny", "--out", str(out), "--device", "cpu",
-                    "--parallel", parallel, *steps)
+    done = torchrun(
+        tmp_path,
+        "train",
+        "toy",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--parallel",
+        parallel,
+        *steps,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     spy = tmp_path / "spy"

@@ -199,9 +199,9 @@ def test_start_hook_learns_the_run_folder_and_the_step_of_each_batch(tmp_path):
     task.start = seen.append
     Trainer(task, run_dir=tmp_path, **QUIET).fit()
     (run,) = seen
-    assert run.run_dir == tmp_path and run.start_step == 0 and run.world_size == 1
+    assert run.run_dir == tmp_path and run.start_step == 0 and run.world_size == 1 and not run.resumed
     assert [run.step_of(i) for i in range(6)] == [0, 0, 1, 1, 2, 2]
     task = make_toy_task(settings(steps=6, grad_accum=2, checkpoint_every=2))
     task.start, task.train_batch = seen.append, train_batch
     Trainer(task, run_dir=tmp_path, resume=True, **QUIET).fit()
-    assert seen[-1].start_step == 4
+    assert seen[-1].start_step == 4 and seen[-1].resumed

@@ -126,10 +126,20 @@ class ToySystem(System):
         settings = TrainSettings(steps=6, batch_size=4, warmup_steps=2, eval_every=3, checkpoint_every=3, log_every=2)
         common = dict(system=self.name, data="a generated pattern", settings=settings)
         return {
-            "tiny": Preset(name="tiny", description="for tests", expected_minutes=0.1,
-                           model_config=self.model_class.config_class(), **common),
-            "demo": Preset(name="demo", description="for the demo", expected_minutes=0.2,
-                           model_config=self.model_class.config_class(dim=48), **common),
+            "tiny": Preset(
+                name="tiny",
+                description="for tests",
+                expected_minutes=0.1,
+                model_config=self.model_class.config_class(),
+                **common,
+            ),
+            "demo": Preset(
+                name="demo",
+                description="for the demo",
+                expected_minutes=0.2,
+                model_config=self.model_class.config_class(dim=48),
+                **common,
+            ),
         }
 
     def example_batch(self, model, *, batch_size, generator):

@@ -154,9 +154,7 @@ class PretrainedModel(nn.Module, PyTorchModelHubMixin):
     def __init__(self, config: Any):
         super().__init__()
         if not isinstance(config, self.config_class):
-            raise TypeError(
-                f"config: expected {self.config_class.__name__}, got {type(config).__name__}"
-            )
+            raise TypeError(f"config: expected {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
 
     def _save_pretrained(self, save_directory: Path) -> None:

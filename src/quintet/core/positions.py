@@ -100,5 +100,3 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
-
-

@@ -28,11 +28,15 @@ def check_tensor(
             ranks = " or ".join(str(a) for a in allowed)
             raise ValueError(f"{name}: expected a {ranks}-D tensor, got shape {tuple(value.shape)}")
     if dtype is not None:
-        ok = {
-            "float": value.is_floating_point(),
-            "int": not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool,
-            "bool": value.dtype == torch.bool,
-        }.get(dtype) if isinstance(dtype, str) else value.dtype == dtype
+        ok = (
+            {
+                "float": value.is_floating_point(),
+                "int": not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool,
+                "bool": value.dtype == torch.bool,
+            }.get(dtype)
+            if isinstance(dtype, str)
+            else value.dtype == dtype
+        )
         if ok is None:
             raise ValueError(f"unknown dtype kind {dtype!r}")
         if not ok:
@@ -42,18 +46,14 @@ def check_tensor(
 
 def check_dim(value: torch.Tensor, name: str, axis: int, expected: int, what: str = "size") -> None:
     if value.shape[axis] != expected:
-        raise ValueError(
-            f"{name}: expected {what} {expected} on axis {axis}, got shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name}: expected {what} {expected} on axis {axis}, got shape {tuple(value.shape)}")
 
 
 def check_ids(ids: torch.Tensor, name: str, num_tokens: int) -> torch.Tensor:
     """Integer token ids in ``[0, num_tokens)``."""
     check_tensor(ids, name, dtype="int")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_tokens):
-        raise ValueError(
-            f"{name}: ids must lie in [0, {num_tokens}), got range [{int(ids.min())}, {int(ids.max())}]"
-        )
+        raise ValueError(f"{name}: ids must lie in [0, {num_tokens}), got range [{int(ids.min())}, {int(ids.max())}]")
     return ids
 
 

@@ -180,7 +180,9 @@ def enwik8_corpus(path: str | os.PathLike) -> ByteCorpus:
     if path.is_dir():
         path = path / "enwik8"
     if not path.is_file():
-        raise ValueError(f"data: enwik8 file not found at {path} (download it from http://mattmahoney.net/dc/enwik8.zip)")
+        raise ValueError(
+            f"data: enwik8 file not found at {path} (download it from http://mattmahoney.net/dc/enwik8.zip)"
+        )
     needed = sum(ENWIK8_SPLIT)
     if path.stat().st_size < needed:
         raise ValueError(f"data: {path} has {path.stat().st_size} bytes; enwik8 has {needed}")

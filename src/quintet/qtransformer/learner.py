@@ -124,7 +124,7 @@ class QLearner:
             )
             q_along_actions, next_q = both[:b], both[b:, 0]
         return td_targets(
-            next_q if next_q.ndim == 2 else next_q[:, 0],
+            next_q,
             q_along_actions,
             batch["rewards"],
             batch["dones"],

@@ -13,12 +13,12 @@ uninterrupted run would, since checkpoint resume restores the very model a round
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from quintet.qtransformer.data import META_FILE, ActionDiscretiser, Episode, ReplayDataset, rollout
 from quintet.qtransformer.envs import greedy_policy, make_env, random_policy, write_dataset
@@ -34,11 +34,12 @@ COLLECT_SEED = 100_000
 class OnlineReplay:
     """The growing replay data of one run; :meth:`dataset_for` serves micro-batch ``index``'s dataset."""
 
-    def __init__(self, model: QTransformer, rl: RLSettings, *, total_steps: int, seed: int = 0):
+    def __init__(self, model: QTransformer, rl: RLSettings, *, seed: int = 0):
         if rl.steps_per_round < 1:
             raise ValueError(f"steps_per_round: an online run needs >= 1, got {rl.steps_per_round}")
+        if model.config.condition_on_text:
+            raise ValueError("model: online collection acts without an instruction; use condition_on_text=False")
         self.model, self.rl, self.seed = model, rl, seed
-        self.rounds = math.ceil(total_steps / rl.steps_per_round)
         self.envs = make_env(rl.env_id, rl.collect_envs)
         self.discretiser = ActionDiscretiser.from_space(self.envs[0].action_space, model.config.action_bins)
         if (self.discretiser.num_actions, self.discretiser.bins) != (
@@ -58,17 +59,20 @@ class OnlineReplay:
     def start(self, run: RunInfo) -> None:
         """Bind to a Trainer run: a fresh run replaces the rounds an earlier run left in the folder."""
         self.run = run
-        self.folder = run.run_dir / REPLAY_DIR
+        replay = run.run_dir / REPLAY_DIR
+        if not run.resumed and run.rank == 0 and replay.is_dir():
+            shutil.rmtree(replay)
         if run.world_size > 1:
-            # every rank collects the same episodes (same weights, same seeds); each keeps its own copy
-            self.folder = self.folder / f"rank-{run.rank}"
-        if run.start_step == 0 and self.folder.is_dir():
-            shutil.rmtree(self.folder)
+            dist.barrier()  # no rank writes before rank 0 has cleared the folder
+        # under several processes every rank collects the same episodes (same weights, same seeds)
+        # and keeps its own copy
+        self.folder = replay if run.world_size == 1 else replay / f"rank-{run.rank}"
         self.episodes, self.rounds_loaded, self.dataset = [], 0, None
 
     def epsilon(self, round_index: int) -> float:
+        """Round 1 explores at ``epsilon[0]``, round ``epsilon_rounds`` and later at ``epsilon[1]``."""
         start, end = self.rl.epsilon
-        progress = (round_index - 1) / max(1, self.rounds - 2)
+        progress = (round_index - 1) / max(1, self.rl.epsilon_rounds - 1)
         return start + (end - start) * min(1.0, progress)
 
     def dataset_for(self, index: int) -> ReplayDataset:

@@ -31,7 +31,9 @@ class RLSettings:
     episodes_per_round: int = 10
     """online: epsilon-greedy episodes collected at the start of every later round"""
     epsilon: tuple[float, float] = (0.3, 0.02)
-    """online: exploration rate of round 1 and of the last round, linear in between"""
+    """online: exploration rate of round 1 and of round ``epsilon_rounds`` on, linear in between"""
+    epsilon_rounds: int = 20
+    """online: the round from which exploration stays at ``epsilon[1]`` (independent of the step cap)"""
     collect_envs: int = 8
     """environments stepped in lockstep while collecting (one batched policy call per step)"""
     target_return: float | None = None
@@ -90,6 +92,7 @@ CARTPOLE_RL = RLSettings(
     reward_high=1.0,
     conservative_weight=0.0,
     steps_per_round=500,
+    epsilon_rounds=60,
     target_return=475.0,
 )
 

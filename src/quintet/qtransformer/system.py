@@ -92,9 +92,6 @@ class QTransformerSystem(System):
             ),
         }
 
-    def rl_settings(self, preset: Preset) -> RLSettings:
-        return RL_SETTINGS[preset.name]
-
     def learner(self, model: QTransformer, settings: RLSettings | None = None) -> QLearner:
         if model not in self._learners:
             settings = settings or RL_SETTINGS["tiny"]
@@ -143,7 +140,7 @@ class QTransformerSystem(System):
         if data is not None:
             source = ReplayDataset(data, frames=preset.model_config.frames, n_step=rl.n_step)
         elif rl.steps_per_round:
-            source = OnlineReplay(model, rl, total_steps=settings.steps, seed=settings.seed)
+            source = OnlineReplay(model, rl, seed=settings.seed)
         elif preset.name == "lunarlander-offline":
             source = lunarlander_dataset(rl, preset.model_config.action_bins, frames=preset.model_config.frames)
         else:
@@ -216,7 +213,8 @@ def build_task(
         loss=lambda module, batch: learner.loss(batch, module),
         train_batch=train_batch,
         settings=settings,
-        evaluate=evaluate_model if source.discretiser is not None else None,
+        # greedy rollouts need the env's action bins and, for a text-conditioned model, an instruction
+        evaluate=evaluate_model if source.discretiser is not None and not model.config.condition_on_text else None,
         extra_state={"target": learner.target},
         after_step=lambda step: learner.update_target(),
         start=online.start if online is not None else None,

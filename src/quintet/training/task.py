@@ -84,7 +84,7 @@ class Task:
       set up, before the first batch; a task that keeps data beside its checkpoints (an online
       replay buffer) learns where here (:class:`RunInfo`).
     - ``stop_when(eval_metrics) -> reason | None``: after each evaluation, a reason to end training
-      early (e.g. "target return reached"), or None to go on. Every rank sees the same metrics.
+      early (e.g. "target return reached"), or None to go on; rank 0's answer holds for every rank.
     """
 
     model: nn.Module
@@ -111,6 +111,8 @@ class RunInfo:
     grad_accum: int
     start_step: int
     """0 for a fresh run, the checkpoint's step when resuming"""
+    resumed: bool
+    """False: a fresh run, which replaces what an earlier run left in ``run_dir``"""
 
     def step_of(self, index: int) -> int:
         """The optimizer step that asks for micro-batch ``index`` (see :class:`Task`)."""

@@ -236,6 +236,7 @@ class Trainer:
                         world_size=self.context.world_size,
                         grad_accum=self.settings.grad_accum,
                         start_step=self.step,
+                        resumed=self.resume,
                     )
                 )
             stopped_early = self._train_loop()
@@ -526,9 +527,11 @@ class Trainer:
             if settings.eval_every and self.step % settings.eval_every == 0 and self.step != settings.steps:
                 if task.evaluate is not None:
                     metrics = self._paused(self._evaluate)
-                    stopped_early = task.stop_when(metrics) if task.stop_when is not None else None
-                    if stopped_early:
-                        break
+                    if task.stop_when is not None:
+                        # rank 0 decides: sharded evaluation leaves each rank its own metrics
+                        stopped_early = broadcast_object(task.stop_when(metrics), self.context)
+                        if stopped_early:
+                            break
             if settings.checkpoint_every and self.step % settings.checkpoint_every == 0:
                 if self.step != settings.steps:
                     self._paused(self._save_checkpoint)
