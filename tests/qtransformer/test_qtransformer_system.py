@@ -3,6 +3,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from online_worker import ONLINE
 
 from quintet.qtransformer import QTransformer, ReplayDataset
 from quintet.qtransformer.envs import greedy_policy
@@ -74,17 +75,6 @@ def test_evaluation_unwraps_ema_and_compiled_models():
     averaged = AveragedModel(model)
     assert unwrap(averaged, model) is averaged.module
     assert unwrap(torch.nn.Identity(), model) is model
-
-
-ONLINE = replace(
-    RL_SETTINGS["cartpole"],
-    steps_per_round=2,
-    initial_episodes=2,
-    episodes_per_round=2,
-    collect_envs=2,
-    eval_episodes=2,
-    target_return=None,
-)
 
 
 def online_task(steps: int = 6, *, kill_at_step: int | None = None):
