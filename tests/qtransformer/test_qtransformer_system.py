@@ -196,3 +196,20 @@ def test_online_rounds_under_two_processes_collect_the_same_data_and_stay_in_loc
     for name in ("round-0000", "round-0001", "round-0002"):
         a, b = (np.load(replay / rank / name / "observations.npy") for rank in ("rank-0", "rank-1"))
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("gamma", 1.0),
+        ("epsilon", (0.5,)),
+        ("epsilon", (0.5, 1.5)),
+        ("epsilon_rounds", 0),
+        ("steps_per_round", -1),
+        ("reward_high", -20.0),
+        ("collect_envs", 0),
+    ],
+)
+def test_rl_settings_reject_bad_values(field, value):
+    with pytest.raises(ValueError, match=field.split("_")[0]):
+        replace(ONLINE, **{field: value})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quintet.core.validation import check_int, check_number
 from quintet.qtransformer.config import QTransformerConfig, StateEncoderConfig
 from quintet.training.task import TrainSettings
 
@@ -38,6 +39,29 @@ class RLSettings:
     """environments stepped in lockstep while collecting (one batched policy call per step)"""
     target_return: float | None = None
     """stop training once the greedy evaluation's mean return reaches this"""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "n_step",
+            "eval_episodes",
+            "initial_episodes",
+            "episodes_per_round",
+            "epsilon_rounds",
+            "collect_envs",
+        ):
+            check_int(getattr(self, name), name, minimum=1)
+        for name in ("dataset_episodes", "steps_per_round"):
+            check_int(getattr(self, name), name, minimum=0)
+        check_number(self.gamma, "gamma", low=0.0, high=1.0, high_open=True)
+        check_number(self.target_ema, "target_ema", low=0.0, high=1.0)
+        check_number(self.conservative_weight, "conservative_weight", low=0.0)
+        check_number(self.action_noise, "action_noise", low=0.0)
+        if not self.reward_low < self.reward_high:
+            raise ValueError(f"reward_low/reward_high: expected low < high, got {self.reward_low} / {self.reward_high}")
+        if not isinstance(self.epsilon, tuple) or len(self.epsilon) != 2:
+            raise ValueError(f"epsilon: expected a pair (first round, from epsilon_rounds on), got {self.epsilon!r}")
+        for value in self.epsilon:
+            check_number(value, "epsilon", low=0.0, high=1.0)
 
 
 TINY = QTransformerConfig(
