@@ -15,11 +15,11 @@ $(PY):
 # CPU torch first when none is importable: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,rl]'
+	$(PY) -m pip install -q -e '.[dev,rl,atari,play,hf]'
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/pytest -n auto -q
 
 demo: $(STAMP)

@@ -1,6 +1,7 @@
 """Benchmark runner: ``python -m quintet.bench [SUITE ...]`` (also ``quintet bench``).
 
-Suites live in the checkout's ``benchmarks/bench_<name>.py``; each exposes
+Suites ship in the package (``quintet/benchmarks/bench_<name>.py``; $QUINTET_BENCHMARKS may name a
+folder of extra suites); each exposes
 ``run(quick: bool = False) -> dict`` whose values are JSON-ready and whose ``ratios`` entry holds the
 numbers an issue targets. Everything a suite compares is measured side by side in one process.
 Results go to ``bench-results/<name>.json``; a table of every suite's ratios is printed.
@@ -25,27 +26,31 @@ import torch
 import torch.utils.benchmark as torch_benchmark
 
 
-def benchmarks_dir() -> Path:
-    """The ``benchmarks/`` folder of the checkout (from $QUINTET_BENCHMARKS, the cwd or the package)."""
-    candidates = [os.environ.get("QUINTET_BENCHMARKS"), Path.cwd() / "benchmarks"]
-    candidates.append(Path(__file__).resolve().parents[2] / "benchmarks")
-    for candidate in candidates:
-        if candidate and Path(candidate, "bench_core.py").is_file():
-            return Path(candidate)
-    raise FileNotFoundError(
-        "benchmarks/: not found; run from a quintet checkout or set QUINTET_BENCHMARKS to its benchmarks folder"
-    )
+def suite_dirs() -> list[Path]:
+    """Folders holding ``bench_<suite>.py`` files: the package's suites, then $QUINTET_BENCHMARKS (extra suites)."""
+    import quintet.benchmarks
+
+    folders = [Path(quintet.benchmarks.__file__).parent]
+    extra = os.environ.get("QUINTET_BENCHMARKS")
+    if extra:
+        folders.append(Path(extra))
+    return folders
+
+
+def _suite_files() -> dict[str, Path]:
+    """Suite name -> file; a suite in $QUINTET_BENCHMARKS replaces the package's suite of that name."""
+    return {p.stem.removeprefix("bench_"): p for folder in suite_dirs() for p in sorted(folder.glob("bench_*.py"))}
 
 
 def available_suites() -> list[str]:
-    return sorted(p.stem.removeprefix("bench_") for p in benchmarks_dir().glob("bench_*.py"))
+    return sorted(_suite_files())
 
 
 def _load_suite(name: str):
-    path = benchmarks_dir() / f"bench_{name}.py"
-    if not path.is_file():
-        raise ValueError(f"suite: unknown benchmark suite {name!r}; available: {', '.join(available_suites())}")
-    spec = importlib.util.spec_from_file_location(f"quintet_bench_{name}", path)
+    files = _suite_files()
+    if name not in files:
+        raise ValueError(f"suite: unknown benchmark suite {name!r}; available: {', '.join(sorted(files))}")
+    spec = importlib.util.spec_from_file_location(f"quintet_bench_{name}", files[name])
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses in a suite look their module up while it executes
     spec.loader.exec_module(module)

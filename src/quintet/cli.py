@@ -243,7 +243,7 @@ class ListCommand:
 
 @dataclass(kw_only=True)
 class BenchCommand:
-    """Run benchmark suites (benchmarks/bench_NAME.py); JSON goes to --out, a table to the console."""
+    """Run benchmark suites (quintet/benchmarks/bench_NAME.py); JSON goes to --out, a table to the console."""
 
     suites: tyro.conf.Positional[tuple[str, ...]] = ()
     """suites to run (default: all)"""

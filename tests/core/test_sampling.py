@@ -97,3 +97,12 @@ def test_invalid_sampling_values_raise(kwargs, match):
 def test_non_float_logits_raise_type_error():
     with pytest.raises(TypeError, match="logits"):
         sampling.sample(torch.ones(2, 5, dtype=torch.long))
+
+
+def test_probabilities_sum_to_one_and_log_matches():
+    logits = torch.randn(3, 7)
+    probs = sampling.probabilities(logits, temperature=0.5)
+    assert torch.allclose(probs.sum(-1), torch.ones(3))
+    assert torch.allclose(sampling.probabilities(logits, log=True).exp(), sampling.probabilities(logits), atol=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        sampling.probabilities(logits, temperature=0)

@@ -16,10 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -28,6 +26,8 @@ import safetensors.torch
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+
+from quintet.core.io import atomic_write, atomic_write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -120,27 +120,6 @@ def load_config(config_class: type[ConfigT], path: str | os.PathLike) -> ConfigT
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from error
     return config_from_dict(config_class, data, source=str(path))
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(temporary_path)`` beside ``path``, then rename it into place.
-
-    A crash mid-write leaves either the old file or none, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class PretrainedModel(nn.Module, PyTorchModelHubMixin):

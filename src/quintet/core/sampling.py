@@ -72,6 +72,19 @@ def gumbel_sample(
     return (logits.float() / temperature + noise).argmax(dim=-1)
 
 
+def probabilities(logits: torch.Tensor, *, temperature: float = 1.0, log: bool = False) -> torch.Tensor:
+    """``softmax(logits / temperature)`` over the last axis in float32 (``log=True``: its log).
+
+    Systems read token probabilities through here (MaskGIT confidences, classifier scores, guidance),
+    so every probability in the library is computed one way.
+    """
+    _check_logits(logits)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+    scaled = logits.float() / temperature
+    return scaled.log_softmax(dim=-1) if log else scaled.softmax(dim=-1)
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     _check_logits(logits)
     return logits.argmax(dim=-1)

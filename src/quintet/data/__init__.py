@@ -1,8 +1,8 @@
 """Embedded datasets that need no download."""
 
+from quintet.core.io import cache_dir
 from quintet.data.text import (
     ByteCorpus,
-    cache_dir,
     decode,
     encode,
     enwik8_corpus,

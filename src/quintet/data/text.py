@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quintet.core.config import atomic_write
+from quintet.core.io import atomic_write, cache_dir
 
 VAL_EVERY = 20
 """in a folder corpus, every 20th file (sorted by path) goes to the validation split"""
@@ -32,10 +32,6 @@ VAL_FRACTION = 0.05
 ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
 SKIPPED_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
 FILE_SEPARATOR = b"\n\n"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QUINTET_CACHE") or Path.home() / ".cache" / "quintet")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,38 @@
+"""The few file-system helpers every layer shares: atomic writes and the cache folder.
+
+Used by ``quintet.core`` (configs, weights), ``quintet.data`` (cached corpora, episode stores,
+image sets) and ``quintet.training`` (checkpoints, reports), so each is written once, here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where generated data is cached: ``$QUINTET_CACHE``, else ``~/.cache/quintet``."""
+    return Path(os.environ.get("QUINTET_CACHE") or Path.home() / ".cache" / "quintet")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Run ``write(temporary_path)`` beside ``path``, then rename it into place.
+
+    A crash mid-write leaves either the old file or none, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
