@@ -40,3 +40,14 @@ def test_peak_memory_sees_a_large_temporary():
 
 def test_time_fn_returns_seconds_per_call():
     assert 0 < bench.time_fn(lambda: torch.ones(100).sum(), min_run_time=0.05) < 0.1
+
+
+def test_count_flops_counts_a_matmul():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert bench.count_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+
+
+def test_matmul_rate_is_measured_and_cached():
+    rate = bench.matmul_flops_per_s(size=128)
+    assert rate > 1e6
+    assert bench.matmul_flops_per_s(size=128) == rate
