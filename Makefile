@@ -10,7 +10,7 @@ setup: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip 'setuptools>=68' wheel
 
 # CPU torch first when none is importable: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(PY)

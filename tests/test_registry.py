@@ -1,18 +1,22 @@
-"""Every registered preset of every system: forward, backward, save/load, cached == uncached generation.
+"""Every stage of every registered preset: the training loss, backward, save/load, cached == uncached.
 
-A system is covered here the day it registers; nothing in this file names a system.
+A system is covered here the day it registers; nothing in this file names a system. The loss is the
+one training uses: the stage's task (built as ``quintet train`` builds it, with untrained models of
+the stages it needs) on the system's example batch.
 """
 
 import pytest
 import torch
 
 from quintet import registry
+from quintet.registry import TaskRequest
 
-PRESETS = registry.all_presets()
+STAGES = [(preset, stage) for preset in registry.all_presets() for stage in preset.stages]
 
 
-def _id(preset):
-    return f"{preset.system}:{preset.name}"
+def _id(item):
+    preset, stage = item
+    return f"{preset.system}:{preset.name}:{stage.name}"
 
 
 def test_every_system_has_tiny_and_demo_presets():
@@ -20,16 +24,31 @@ def test_every_system_has_tiny_and_demo_presets():
         assert {"tiny", "demo"} <= set(system.presets()), name
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=_id)
-def test_preset_forward_backward_save_load_generate(preset, tmp_path):
+def test_every_system_builds_each_preset_model_with_a_known_class():
+    for system in registry.systems().values():
+        for preset in system.presets().values():
+            assert preset.system == system.name
+            for stage in preset.stages:
+                assert system.model_class(stage.model_config).config_class is type(stage.model_config)
+
+
+@pytest.mark.parametrize("item", STAGES, ids=[_id(item) for item in STAGES])
+def test_stage_loss_backward_save_load_generate(item, tmp_path):
+    preset, stage = item
     torch.manual_seed(0)
     system = registry.get_system(preset.system)
-    model = system.build_model(preset)
+    inputs = {}
+    for need in stage.needs:
+        earlier = system.build_model(preset.stage(need)).eval()
+        inputs[need] = earlier.requires_grad_(False)
+    task = system.make_task(TaskRequest.for_stage(preset, stage, inputs=inputs))
+    model = task.model
+    assert type(model) is system.model_class(stage.model_config)
     generator = torch.Generator().manual_seed(0)
     batch = system.example_batch(model, batch_size=2, generator=generator)
 
     model.train()
-    loss, metrics = system.loss(model, batch)
+    loss, metrics = task.loss(model, batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert all(isinstance(k, str) for k in metrics)
     loss.backward()
@@ -39,13 +58,16 @@ def test_preset_forward_backward_save_load_generate(preset, tmp_path):
 
     model.eval()
     model.save_pretrained(tmp_path)
-    loaded = type(model).from_pretrained(tmp_path)
-    assert loaded.config == model.config
+    loaded = system.load_model(tmp_path)
+    assert type(loaded) is type(model) and loaded.config == model.config
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
+    torch.manual_seed(1)
     with torch.no_grad():
-        loss_a, _ = system.loss(model, batch)
-        loss_b, _ = system.loss(loaded, batch)
+        loss_a, _ = task.loss(model, batch)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        loss_b, _ = task.loss(loaded, batch)
     assert torch.equal(loss_a, loss_b)
 
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The ``quintet`` command: train, sample, eval, list, bench, demo.
+"""The ``quintet`` command: train, sample, eval, play, list, bench, demo.
 
 Flags come from dataclasses (tyro), ``--help`` from their field docstrings. ``quintet train``'s
 optimisation flags are :class:`~quintet.training.task.TrainSettings` itself, with the chosen preset's
@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import torch
 import tyro
 
-from quintet.core.config import CheckpointError, config_from_dict
+from quintet.core.config import CheckpointError
 from quintet.training.task import TrainSettings
 
 SYSTEM = tyro.conf.arg(metavar="SYSTEM")
@@ -43,7 +43,8 @@ def _is_main_process() -> bool:
 
 @dataclass(kw_only=True)
 class TrainCommand:
-    """Train a system's preset. The run folder gets checkpoints/, metrics.jsonl, loss_curve.png and summary.json."""
+    """Train a system's preset (every stage in turn). The run folder gets checkpoints/, metrics.jsonl,
+    loss_curve.png and summary.json (a multi-stage preset: one such folder per stage, and run.json)."""
 
     system: Annotated[tyro.conf.Positional[str], SYSTEM]
     """the system to train (see `quintet list`)"""
@@ -52,11 +53,15 @@ class TrainCommand:
     out: Path | None = None
     """run folder (unset: runs/SYSTEM-PRESET)"""
     resume: bool = False
-    """continue from the run folder's latest checkpoint"""
+    """continue from the run folder's latest checkpoint (inside whichever stage was running)"""
+    stage: str | None = None
+    """train this stage of a multi-stage preset alone (its settings become the flags' defaults)"""
+    init_from: Path | None = None
+    """with --stage: a run folder holding the trained stages the chosen stage needs"""
     device: str = "auto"
     """auto (the GPU if there is one), cpu, cuda or cuda:N"""
     data: str | None = None
-    """train on this file instead of the preset's embedded data (systems that support it)"""
+    """train on this file or folder instead of the preset's embedded data (systems that support it)"""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """how several processes (torchrun) share the model: replicated (ddp) or sharded (fsdp)"""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -66,101 +71,104 @@ class TrainCommand:
     settings: Annotated[TrainSettings, tyro.conf.arg(name=""), tyro.conf.OmitArgPrefixes] = field(
         default_factory=TrainSettings
     )
+    """the optimisation settings; flags you set apply to every stage the command trains"""
 
     def run(self) -> int:
+        from quintet.core.io import ensure_writable_dir
         from quintet.registry import get_preset, get_system
-        from quintet.training.trainer import Trainer, ensure_writable_dir
+        from quintet.training.pipeline import TrainerOptions, train_preset
 
         system = get_system(self.system)
         preset_name = self.preset or DEFAULT_PRESET
         preset = get_preset(system.name, preset_name)
+        if self.init_from is not None and self.stage is None:
+            raise ValueError("init_from: only with --stage (the stage trained alone takes its needs from there)")
+        if self.stage is not None and not preset.multi_stage:
+            raise ValueError(f"stage: {system.name} preset {preset_name!r} has a single stage; drop --stage")
         out = self.out or Path("runs") / f"{system.name}-{preset_name}"
         if _is_main_process():
             ensure_writable_dir(out, "out")
-        torch.manual_seed(self.settings.seed)  # the initial weights: one seed reproduces the whole run
-        task = system.make_task(preset, data=self.data, settings=self.settings)
-        run_config = {"system": system.name, "preset": preset_name, "data": self.data}
-        trainer = Trainer(
-            task,
+        defaults = _stage_defaults(self)[1]
+        overrides = {
+            f.name: getattr(self.settings, f.name)
+            for f in dataclasses.fields(TrainSettings)
+            if getattr(self.settings, f.name) != getattr(defaults, f.name)
+        }
+        result = train_preset(
+            system,
+            preset,
             run_dir=out,
+            data=self.data,
+            overrides=overrides,
             resume=self.resume,
-            device=self.device,
-            run_config=run_config,
-            parallel=self.parallel,
-            precision=self.precision,
-            compile=self.compile,
+            only_stage=self.stage,
+            init_from=self.init_from,
+            options=TrainerOptions(
+                device=self.device, parallel=self.parallel, precision=self.precision, compile=self.compile
+            ),
         )
-        result = trainer.fit()
         if not _is_main_process():
             return 0
-        summary = {
-            "system": system.name,
-            "preset": preset_name,
-            "step": result.step,
-            "seconds": result.seconds,
-            "train_metrics": result.train_metrics,
-            "eval_metrics": result.eval_metrics,
-            "stopped_early": result.stopped_early,
-            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
-            "device": str(trainer.device),
-            "world_size": trainer.context.world_size,
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        metrics = {"loss": result.train_metrics["loss"]} if "loss" in result.train_metrics else {}
-        metrics.update(result.eval_metrics)
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        print(f"done: step {result.step} in {result.seconds:.1f} s; {shown}; wrote {out / 'summary.json'}")
+        for name, stage in result.stages.items():
+            if stage.result is None:
+                continue
+            trained = stage.result
+            metrics = {"loss": trained.train_metrics["loss"]} if "loss" in trained.train_metrics else {}
+            metrics.update(trained.eval_metrics)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            prefix = f"{name}: " if preset.multi_stage else ""
+            print(
+                f"done: {prefix}step {trained.step} in {trained.seconds:.1f} s; {shown}; "
+                f"wrote {stage.run_dir / 'summary.json'}"
+            )
+        if result.stopped:
+            print(f"the run stopped ({result.stopped}); continue it with --resume")
         return 0
+
+
+def _stage_defaults(command: TrainCommand) -> tuple[str, TrainSettings]:
+    """The preset name and the settings the flags default to: the stage's (or, resuming, its checkpoint's)."""
+    from quintet.registry import get_preset, get_system
+    from quintet.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, read_run_config
+    from quintet.training.pipeline import apply_overrides, checkpoint_settings, read_run_file
+
+    system = get_system(command.system)
+    preset_name = command.preset or DEFAULT_PRESET
+    if not command.resume:
+        preset = get_preset(system.name, preset_name)
+        return preset_name, (preset.stage(command.stage) if command.stage else preset.stages[0]).settings
+    out = command.out or Path("runs") / f"{system.name}-{preset_name}"
+    record = read_run_file(out) if out.is_dir() else None
+    if record is not None:  # a multi-stage run: the stage to continue is the first one not finished
+        if record.get("system") != system.name:
+            raise CheckpointError(f"{out}: is a run of system {record.get('system')!r}, not {system.name!r}")
+        preset_name = command.preset or record["preset"]
+        preset = get_preset(system.name, preset_name)
+        pending = [s for s in preset.stages if s.name not in record["completed"]] or [preset.stages[-1]]
+        stage = preset.stage(command.stage) if command.stage else pending[0]
+        checkpoint = latest_checkpoint(out / stage.name / CHECKPOINTS_DIR)
+        if checkpoint is not None:
+            return preset_name, checkpoint_settings(checkpoint)
+        return preset_name, apply_overrides(stage.settings, record.get("overrides", {}))
+    checkpoint = latest_checkpoint(out / CHECKPOINTS_DIR)
+    if checkpoint is None:
+        raise ValueError(f"resume: {out} holds no checkpoint to resume from")
+    run_config = read_run_config(checkpoint)
+    owner = run_config.get("system")
+    if owner != system.name:
+        raise CheckpointError(f"{checkpoint}: is a checkpoint of system {owner!r}, not {system.name!r}")
+    preset_name = command.preset or run_config.get("preset", DEFAULT_PRESET)
+    get_preset(system.name, preset_name)
+    return preset_name, checkpoint_settings(checkpoint)
 
 
 def _train_defaults(command: TrainCommand) -> TrainCommand:
     """``command`` with the preset's (or, resuming, the checkpoint's) settings as defaults."""
-    from quintet.registry import get_preset, get_system
-    from quintet.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, read_run_config
-
-    system = get_system(command.system)
-    preset_name = command.preset or DEFAULT_PRESET
-    settings = None
-    if command.resume:
-        out = command.out or Path("runs") / f"{system.name}-{preset_name}"
-        checkpoint = latest_checkpoint(out / CHECKPOINTS_DIR)
-        if checkpoint is None:
-            raise ValueError(f"resume: {out} holds no checkpoint to resume from")
-        run_config = read_run_config(checkpoint)
-        owner = run_config.get("system")
-        if owner != system.name:
-            raise CheckpointError(f"{checkpoint}: is a checkpoint of system {owner!r}, not {system.name!r}")
-        preset_name = command.preset or run_config.get("preset", DEFAULT_PRESET)
-        settings = config_from_dict(TrainSettings, run_config["settings"], source=f"{checkpoint}/run_config.json")
-    preset = get_preset(system.name, preset_name)
-    return dataclasses.replace(command, preset=preset_name, settings=settings or preset.settings)
+    preset_name, settings = _stage_defaults(command)
+    return dataclasses.replace(command, preset=preset_name, settings=settings)
 
 
-# ---------------------------------------------------------------------------------------------- sample / eval
-
-
-def _load_for_inference(system_name: str, checkpoint: Path, preset_name: str | None, device: str, ema: bool):
-    from quintet.registry import get_preset, get_system
-    from quintet.training.checkpoint import load_checkpoint_model, read_run_config, resolve_checkpoint
-    from quintet.training.distributed import resolve_device
-
-    system = get_system(system_name)
-    resolved_device = resolve_device(device)
-    checkpoint_dir = resolve_checkpoint(checkpoint)
-    run_config = read_run_config(checkpoint_dir)
-    owner = run_config.get("system")
-    if owner is not None and owner != system.name:
-        raise CheckpointError(f"{checkpoint_dir}: is a checkpoint of system {owner!r}, not {system.name!r}")
-    model, checkpoint_dir, which = load_checkpoint_model(
-        system.model_class, checkpoint_dir, ema=ema, map_location=resolved_device
-    )
-    preset = get_preset(system.name, preset_name or run_config.get("preset") or DEFAULT_PRESET)
-    settings = None
-    if "settings" in run_config:
-        settings = config_from_dict(TrainSettings, run_config["settings"], source=f"{checkpoint_dir}/run_config.json")
-    task = system.make_task(preset, data=run_config.get("data"), settings=settings)
-    print(f"loaded {which} weights of {checkpoint_dir} (step {run_config.get('step', '?')})", file=sys.stderr)
-    return task, model.to(resolved_device).eval()
+# ---------------------------------------------------------------------------------------------- sample / eval / play
 
 
 @dataclass(kw_only=True)
@@ -168,13 +176,23 @@ class _CheckpointCommand:
     system: Annotated[tyro.conf.Positional[str], SYSTEM]
     """the system the checkpoint belongs to"""
     checkpoint: Path
-    """a run folder (its latest checkpoint) or a checkpoint folder"""
+    """a run folder (its last stage's latest checkpoint), a stage's folder, or a checkpoint folder"""
     preset: str | None = None
     """the preset whose sampler / evaluation to use (unset: the checkpoint's)"""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N"""
     ema: bool = True
     """use the EMA weights when the checkpoint has them"""
+
+    def load(self):
+        from quintet.registry import get_system
+        from quintet.training.pipeline import load_for_inference
+
+        system = get_system(self.system)
+        task, model, _ = load_for_inference(
+            system, self.checkpoint, preset=self.preset, device=self.device, ema=self.ema
+        )
+        return task, model
 
 
 @dataclass(kw_only=True)
@@ -185,7 +203,7 @@ class SampleCommand(_CheckpointCommand):
     """seeds the sampler's random state"""
 
     def run(self) -> int:
-        task, model = _load_for_inference(self.system, self.checkpoint, self.preset, self.device, self.ema)
+        task, model = self.load()
         if task.sample is None:
             raise ValueError(f"system: {self.system} has no sampler")
         torch.manual_seed(self.seed)
@@ -207,12 +225,54 @@ class EvalCommand(_CheckpointCommand):
     """Evaluate a trained checkpoint; prints the metrics as one JSON object."""
 
     def run(self) -> int:
-        task, model = _load_for_inference(self.system, self.checkpoint, self.preset, self.device, self.ema)
+        task, model = self.load()
         if task.evaluate is None:
             raise ValueError(f"system: {self.system} has no evaluation")
         with torch.no_grad():
             metrics = {key: float(value) for key, value in task.evaluate(model).items()}
         print(json.dumps(metrics))
+        return 0
+
+
+@dataclass(kw_only=True)
+class PlayCommand(_CheckpointCommand):
+    """Play a trained model (e.g. act inside a world model): a window, or --headless into a file."""
+
+    headless: bool = False
+    """no window: run --actions and write the rollout to --out"""
+    actions: str | None = None
+    """comma-separated actions for a headless rollout, e.g. 1,1,3,0"""
+    out: Path | None = None
+    """where a headless rollout is written (e.g. play.gif)"""
+    fps: float = 10.0
+    """frames per second shown or written"""
+    steps: int = 0
+    """steps to play (0: as many as --actions, or until the window closes)"""
+    seed: int = 0
+    """seeds the model's sampling"""
+
+    def run(self) -> int:
+        from quintet.training.task import PlayOptions
+
+        actions = None
+        if self.actions is not None:
+            try:
+                actions = tuple(int(a) for a in self.actions.split(",") if a.strip())
+            except ValueError:
+                raise ValueError(f"actions: expected comma-separated integers, got {self.actions!r}") from None
+        if self.headless and (not actions and not self.steps):
+            raise ValueError("actions: a headless rollout needs --actions (or --steps)")
+        options = PlayOptions(
+            headless=self.headless, actions=actions, out=self.out, fps=self.fps, steps=self.steps, seed=self.seed
+        )
+        task, model = self.load()
+        if task.play is None:
+            raise ValueError(f"system: {self.system} has nothing to play")
+        torch.manual_seed(self.seed)
+        with torch.no_grad():
+            written = task.play(model, options)
+        for key, value in (written or {}).items():
+            print(f"{key}: {value}")
         return 0
 
 
@@ -234,7 +294,8 @@ class ListCommand:
         for system in registered.values():
             for preset in system.presets().values():
                 minutes = f"{preset.expected_minutes:g}"
-                rows.append((system.name, preset.name, minutes, preset.data, preset.description))
+                stages = f" [stages: {', '.join(preset.stage_names)}]" if preset.multi_stage else ""
+                rows.append((system.name, preset.name, minutes, preset.data, preset.description + stages))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
@@ -270,7 +331,7 @@ class DemoCommand:
     systems: str | None = None
     """comma-separated systems to include (unset: all registered)"""
     budget_s: float | None = None
-    """training seconds per system (unset: 180, or 40 with --quick)"""
+    """training seconds per unit of a system's demo share (unset: 180, or 40 with --quick)"""
 
     def run(self) -> int:
         from quintet.training.demo import run_demo
@@ -292,6 +353,7 @@ COMMANDS: dict[str, type] = {
     "train": TrainCommand,
     "sample": SampleCommand,
     "eval": EvalCommand,
+    "play": PlayCommand,
     "list": ListCommand,
     "bench": BenchCommand,
     "demo": DemoCommand,

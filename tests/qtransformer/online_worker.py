@@ -11,12 +11,12 @@ import torch
 
 from quintet.qtransformer import QTransformer
 from quintet.qtransformer.online import OnlineReplay
-from quintet.qtransformer.presets import CARTPOLE, RL_SETTINGS
+from quintet.qtransformer.presets import CARTPOLE, CARTPOLE_RL
 from quintet.qtransformer.system import build_task
 from quintet.training import Trainer, TrainSettings
 
 ONLINE = replace(
-    RL_SETTINGS["cartpole"],
+    CARTPOLE_RL,
     steps_per_round=2,
     initial_episodes=2,
     episodes_per_round=2,

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import gymnasium as gym
 import minari
 import numpy as np
@@ -5,18 +7,22 @@ import pytest
 import torch
 from minari.data_collector import EpisodeBuffer
 
+from quintet.data import write_episodes
 from quintet.qtransformer import (
     ActionDiscretiser,
     Episode,
     QLearner,
+    QTransformer,
+    QTransformerConfig,
     ReplayDataset,
+    ReplaySpec,
     RewardScaler,
+    StateEncoderConfig,
     collect_episodes,
     from_minari,
     to_minari,
 )
 from quintet.qtransformer.data import discounted_returns, rollout
-from quintet.qtransformer.system import QTransformerSystem
 
 
 def episode(length, obs_dim=3, num_actions=2, terminated=True, start=0.0, text=None):
@@ -29,14 +35,15 @@ def episode(length, obs_dim=3, num_actions=2, terminated=True, start=0.0, text=N
         rewards=np.linspace(0.0, 1.0, length, dtype=np.float32),
         terminated=ends if terminated else np.zeros(length, dtype=bool),
         truncated=np.zeros(length, dtype=bool) if terminated else ends,
-        text_embed=text,
+        attributes={} if text is None else {"text_embed": text},
     )
+
+
+SPEC = ReplaySpec(reward_scaler=RewardScaler(low=0.0, high=1.0), gamma=0.5, action_bins=4)
 
 
 def write(tmp_path, episodes, **kwargs):
-    return ReplayDataset.write(
-        tmp_path / "replay", episodes, reward_scaler=RewardScaler(low=0.0, high=1.0), gamma=0.5, action_bins=4, **kwargs
-    )
+    return ReplayDataset.write(tmp_path / "replay", episodes, SPEC, **kwargs)
 
 
 def test_round_trip(tmp_path):
@@ -46,8 +53,11 @@ def test_round_trip(tmp_path):
     assert len(reopened) == 7 and reopened.num_episodes == 2
     for index, original in enumerate(episodes):
         loaded = reopened.episode(index)
-        for name in ("observations", "actions", "rewards", "terminated", "truncated", "text_embed"):
+        for name in ("observations", "actions", "rewards", "terminated", "truncated"):
             np.testing.assert_array_equal(getattr(loaded, name), getattr(original, name))
+        np.testing.assert_array_equal(loaded.attributes["text_embed"], original.attributes["text_embed"])
+    batch = reopened.batch([0, 5])
+    assert batch["text_embeds"].dtype == torch.float32 and batch["text_embeds"].tolist() == [[1, 1], [0, 0]]
     np.testing.assert_allclose(dataset.returns_to_go[:4], discounted_returns(episodes[0].rewards, 0.5), rtol=1e-6)
     np.testing.assert_allclose(dataset.episode_returns(), [e.rewards.sum() for e in episodes], rtol=1e-6)
 
@@ -84,8 +94,9 @@ def test_n_step_windows_stop_at_the_episode_end(tmp_path):
 
 
 def test_learner_trains_on_dataset_batches(tmp_path):
-    system = QTransformerSystem()
-    model = system.build_model(system.presets()["tiny"])
+    encoder = StateEncoderConfig(state_dim=8, dim=16, depth=1, num_tokens=2)
+    config = QTransformerConfig(num_actions=2, action_bins=4, encoder=encoder, dim=16, depth=1, heads=2, dim_head=8)
+    model = QTransformer(replace(config, frames=2, num_learned_tokens=2, q_head_depth=1, q_head_dim_head=8))
     write(
         tmp_path,
         [episode(6, obs_dim=8, text=None), episode(5, obs_dim=8, terminated=False)],
@@ -105,12 +116,19 @@ def test_bad_data(tmp_path):
             terminated=np.zeros(3, bool),
             truncated=np.zeros(3, bool),
         )
-    with pytest.raises(ValueError, match="bins"):
-        ReplayDataset.write(
-            tmp_path / "bad", [episode(3)], reward_scaler=RewardScaler(low=0.0, high=1.0), gamma=0.5, action_bins=2
-        )
-    with pytest.raises(FileNotFoundError, match="ReplayDataset"):
+    with pytest.raises(ValueError, match=r"episodes\[0\]: actions: bins must lie in \[0, 2\)"):
+        ReplayDataset.write(tmp_path / "bad", [episode(3)], replace(SPEC, action_bins=2))
+    with pytest.raises(ValueError, match="actions: expected integer bins"):
+        ReplayDataset.write(tmp_path / "bad", [replace(episode(3), actions=np.zeros(3, dtype=int))], SPEC)
+    with pytest.raises(TypeError, match="spec"):
+        ReplayDataset.write(tmp_path / "bad", [episode(3)], None)
+    with pytest.raises(ValueError, match="action_bins"):
+        replace(SPEC, discretiser=ActionDiscretiser.from_space(gym.spaces.Discrete(3)))
+    with pytest.raises(FileNotFoundError, match="episode store"):
         ReplayDataset(tmp_path / "missing")
+    write_episodes(tmp_path / "plain", [episode(3)])  # a store without Q-learning targets
+    with pytest.raises(ValueError, match="ReplaySpec"):
+        ReplayDataset(tmp_path / "plain")
     dataset = write(tmp_path, [episode(3)])
     with pytest.raises(ValueError, match="indices"):
         dataset.batch([3])

@@ -6,20 +6,26 @@ import torch
 from online_worker import ONLINE
 
 from quintet.qtransformer import QTransformer, ReplayDataset
+from quintet.qtransformer.datasets import random_dataset
 from quintet.qtransformer.envs import greedy_policy
 from quintet.qtransformer.online import OnlineReplay
-from quintet.qtransformer.presets import CARTPOLE, RL_SETTINGS
-from quintet.qtransformer.system import QTransformerSystem, build_task, random_dataset
-from quintet.registry import get_system
+from quintet.qtransformer.presets import CARTPOLE, CARTPOLE_RL
+from quintet.qtransformer.system import QTransformerSystem, build_task
+from quintet.registry import TaskRequest, get_system
 from quintet.training import Trainer, TrainSettings
+
+
+def task_of(system, preset, **changes):
+    return system.make_task(TaskRequest.for_stage(preset, **changes))
 
 
 def test_presets_follow_the_registry_contract(tmp_path):
     system = QTransformerSystem()
     for name, preset in system.presets().items():
-        model = system.build_model(preset)
+        task = task_of(system, preset)
+        model = task.model
         batch = system.example_batch(model, batch_size=2, generator=torch.Generator().manual_seed(0))
-        loss, metrics = system.loss(model, batch)
+        loss, metrics = task.loss(model, batch)
         loss.backward()
         assert torch.isfinite(loss) and "td_loss" in metrics, name
         model.save_pretrained(tmp_path / name)
@@ -30,6 +36,14 @@ def test_presets_follow_the_registry_contract(tmp_path):
         )
 
 
+def test_make_task_generates_no_data_until_training_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUINTET_CACHE", str(tmp_path))
+    system = QTransformerSystem()
+    for name in ("tiny", "lunarlander-offline"):
+        task = task_of(system, system.presets()[name])
+        assert task.evaluate is not None and not any(tmp_path.iterdir()), name
+
+
 def test_registered_on_import():
     assert isinstance(get_system("qtransformer"), QTransformerSystem)
 
@@ -38,10 +52,10 @@ def test_task_batches_are_deterministic_and_train(tmp_path, monkeypatch):
     monkeypatch.setenv("QUINTET_CACHE", str(tmp_path))
     system = QTransformerSystem()
     preset = system.presets()["cartpole"]
-    rl = replace(RL_SETTINGS["cartpole"], initial_episodes=4)
-    dataset = random_dataset(rl, preset.model_config, tmp_path / "random")
+    rl = replace(CARTPOLE_RL, initial_episodes=4)
+    dataset = random_dataset(rl, preset.stages[0].model_config, tmp_path / "random")
     assert isinstance(dataset, ReplayDataset) and dataset.num_episodes == 4
-    task = system.make_task(preset, data=str(tmp_path / "random"))
+    task = task_of(system, preset, data=str(tmp_path / "random"))
     first, again = task.train_batch(3), task.train_batch(3)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["obs"], task.train_batch(4)["obs"])
@@ -60,9 +74,9 @@ def test_task_batches_are_deterministic_and_train(tmp_path, monkeypatch):
 def test_greedy_policy_acts_in_env_bins():
     system = QTransformerSystem()
     preset = system.presets()["lunarlander-offline"]
-    model = system.build_model(preset).eval()
+    model = system.build_model(preset.stages[0]).eval()
     bins = greedy_policy(model)(np.zeros((3, 8), dtype=np.float32))
-    assert bins.shape == (3, 2) and bins.max() < preset.model_config.action_bins
+    assert bins.shape == (3, 2) and bins.max() < preset.stages[0].model_config.action_bins
 
 
 def test_evaluation_unwraps_ema_and_compiled_models():
@@ -71,7 +85,7 @@ def test_evaluation_unwraps_ema_and_compiled_models():
     from quintet.qtransformer.system import unwrap
 
     system = QTransformerSystem()
-    model = system.build_model(system.presets()["tiny"])
+    model = system.build_model(system.presets()["tiny"].stages[0])
     averaged = AveragedModel(model)
     assert unwrap(averaged, model) is averaged.module
     assert unwrap(torch.nn.Identity(), model) is model
@@ -146,7 +160,7 @@ def test_a_fresh_online_run_replaces_the_replay_an_earlier_run_left(tmp_path):
 
 
 def test_cartpole_preset_trains_online_and_stops_at_its_target():
-    task = QTransformerSystem().make_task(QTransformerSystem().presets()["cartpole"])
+    task = task_of(QTransformerSystem(), QTransformerSystem().presets()["cartpole"])
     assert task.start is not None
     assert task.stop_when({"eval_return_mean": 480.0}) and task.stop_when({"eval_return_mean": 300.0}) is None
 
@@ -173,10 +187,11 @@ def test_tiny_preset_trains_end_to_end_with_stacked_frames(tmp_path, monkeypatch
     monkeypatch.setenv("QUINTET_CACHE", str(tmp_path / "cache"))
     system = QTransformerSystem()
     preset = system.presets()["tiny"]
-    task = system.make_task(preset)
+    task = task_of(system, preset)
     result = Trainer(task, run_dir=tmp_path / "run", device="cpu", live_progress=False).fit()
-    assert result.step == preset.settings.steps and "eval_return_mean" in result.eval_metrics
-    assert task.train_batch(0)["obs"].shape[1] == preset.model_config.frames == 2
+    stage = preset.stages[0]
+    assert result.step == stage.settings.steps and "eval_return_mean" in result.eval_metrics
+    assert task.train_batch(0)["obs"].shape[1] == stage.model_config.frames == 2
 
 
 def test_online_rounds_under_two_processes_collect_the_same_data_and_stay_in_lockstep(tmp_path):

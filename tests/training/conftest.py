@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_task import OtherToySystem, ToySystem
+from toy_task import OtherToySystem, StagedToySystem, ToySystem
 
 from quintet import registry
 
@@ -21,6 +21,7 @@ def one_thread():
 @pytest.fixture
 def toy_systems(monkeypatch):
     """Register the toy systems for this test only (the registry's own tests never see them)."""
-    monkeypatch.setattr(registry, "_SYSTEMS", {"toy": ToySystem(), "toy2": OtherToySystem()})
-    monkeypatch.setattr(registry, "SYSTEM_MODULES", ())
+    toys = {system.name: system for system in (ToySystem(), OtherToySystem(), StagedToySystem())}
+    monkeypatch.setattr(registry, "_SYSTEMS", toys)
+    monkeypatch.setattr(registry, "_entry_points_loaded", True)
     return registry.systems()

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import sys
 from dataclasses import replace
 
 import pytest
@@ -15,7 +16,8 @@ from toy_task import ToyConfig, lm_loss, make_toy_task, pattern_batch
 from quintet.core import CheckpointError
 from quintet.training import NonFiniteLossError, Task, Trainer, TrainSettings
 from quintet.training.checkpoint import latest_checkpoint, load_checkpoint_model
-from quintet.training.trainer import lr_factor, move_to_device
+from quintet.training.optim import lr_factor
+from quintet.training.trainer import move_to_device
 
 QUIET = dict(device="cpu", live_progress=False)
 
@@ -205,3 +207,30 @@ def test_start_hook_learns_the_run_folder_and_the_step_of_each_batch(tmp_path):
     task.start, task.train_batch = seen.append, train_batch
     Trainer(task, run_dir=tmp_path, resume=True, **QUIET).fit()
     assert seen[-1].start_step == 4 and seen[-1].resumed
+
+
+def test_metrics_stay_on_the_device_until_a_log_step(tmp_path, monkeypatch):
+    """Between log events the loop reads nothing back from its tensors (no .item(), float(), .tolist()).
+
+    Conversions are counted where quintet's code or the task's loss asks for them (torch's own
+    optimizer reads its CPU step counters, which never wait on a device).
+    """
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if "quintet" in caller or "toy_task" in caller:
+                reads.append(trainer.step)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    task = make_toy_task(settings(steps=12, log_every=4, grad_clip=1.0), config=ToyConfig(dropout=0.0))
+    trainer = Trainer(task, run_dir=tmp_path, **QUIET)
+    trainer.fit()
+    per_step = {step: reads.count(step) for step in set(reads)}
+    # reads happen at the steps that log (4, 8, 12: losses, norms, metrics: three reads) and in the
+    # final evaluation; the steps in between read nothing
+    assert set(per_step) == {4, 8, 12}, per_step
+    assert per_step[4] == per_step[8] == 3, per_step

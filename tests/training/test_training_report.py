@@ -49,7 +49,7 @@ def test_report_is_self_contained(tmp_path):
 
 def test_demo_without_systems_still_writes_a_report(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_SYSTEMS", {})
-    monkeypatch.setattr(registry, "SYSTEM_MODULES", ())
+    monkeypatch.setattr(registry, "_entry_points_loaded", True)
     summary = run_demo(tmp_path, quick=True)
     assert summary["systems"] == {}
     assert "No systems have landed yet" in (tmp_path / "report.html").read_text()
@@ -67,17 +67,15 @@ def test_a_failing_system_gets_a_failed_section(toy_systems, tmp_path, monkeypat
 
 
 def test_a_system_with_a_larger_share_gets_a_longer_demo_budget(toy_systems, tmp_path, monkeypatch):
+    import quintet.training.demo as demo
+
     budgets = {}
 
-    def record(name):
-        def demo(out_dir, *, budget_s, quick=False):
-            budgets[name] = budget_s
-            return ReportSection(title=name, summary="", train_seconds=0.0)
+    def record(system, out_dir, *, budget_s, quick=False):
+        budgets[system.name] = budget_s
+        return ReportSection(title=system.name, summary="", train_seconds=0.0)
 
-        return demo
-
-    for name, system in toy_systems.items():
-        monkeypatch.setattr(system, "demo", record(name))
+    monkeypatch.setattr(demo, "run_system_demo", record)
     monkeypatch.setattr(toy_systems["toy2"], "demo_budget_share", 2.5)
-    summary = run_demo(tmp_path, budget_s=4)
+    summary = run_demo(tmp_path, systems=["toy", "toy2"], budget_s=4)
     assert budgets == {"toy": 4, "toy2": 10} and summary["budget_s"] == budgets

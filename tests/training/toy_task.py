@@ -1,16 +1,19 @@
-"""A tiny language model and task for the Trainer / CLI tests (and the training benchmark).
+"""A tiny language model and task for the Trainer / CLI tests.
 
-Run as a script it is the ``quintet`` command with two toy systems registered ("toy" and "toy2",
-whose checkpoints are of different model classes), so CLI subprocess tests and ``torchrun`` can
-train something real in seconds. With $QUINTET_TEST_SPY set to a folder, each rank also records
-which writers it called and dumps its final weights there (for the multi-process test).
+Run as a script it is the ``quintet`` command with three toy systems registered ("toy" and "toy2",
+whose checkpoints are of different model classes, and "toy-staged", two stages of two model classes
+where the second distils the first), so CLI subprocess tests and ``torchrun`` can train something
+real in seconds. With $QUINTET_TEST_SPY set to a folder, each rank also records which writers it
+called and dumps its final weights there (for the multi-process test); with $QUINTET_TEST_KILL_AT
+set to ``STAGE:STEP`` the process kills itself (SIGKILL) after that step of that stage.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quintet.core import PretrainedModel, Transformer
-from quintet.registry import Preset, System, register
+from quintet.registry import Preset, Stage, System, TaskRequest, register
 from quintet.training.task import Task, TrainSettings
 
 
@@ -70,10 +73,11 @@ class OtherToyLM(ToyLM):
     config_class = OtherToyConfig
 
 
-def lm_loss(module: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def lm_loss(module: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     logits = module(tokens[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-    return loss, {}
+    accuracy = (logits.detach().argmax(-1) == tokens[:, 1:]).float().mean()
+    return loss, {"accuracy": accuracy}
 
 
 def pattern_batch(index: int, *, batch_size: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
@@ -120,24 +124,26 @@ def make_toy_task(
 class ToySystem(System):
     name = "toy"
     description = "A tiny causal LM on a modular pattern."
-    model_class = ToyLM
+    model_classes = (ToyLM,)
+    metric_meanings = {"val_loss": "cross-entropy on held-out pattern rows"}
 
     def presets(self) -> dict[str, Preset]:
         settings = TrainSettings(steps=6, batch_size=4, warmup_steps=2, eval_every=3, checkpoint_every=3, log_every=2)
-        common = dict(system=self.name, data="a generated pattern", settings=settings)
+        config_class = self.model_classes[0].config_class
+        common = dict(system=self.name, data="a generated pattern")
         return {
             "tiny": Preset(
                 name="tiny",
                 description="for tests",
                 expected_minutes=0.1,
-                model_config=self.model_class.config_class(),
+                stages=(Stage(model_config=config_class(), settings=settings),),
                 **common,
             ),
             "demo": Preset(
                 name="demo",
                 description="for the demo",
                 expected_minutes=0.2,
-                model_config=self.model_class.config_class(dim=48),
+                stages=(Stage(model_config=config_class(dim=48), settings=settings),),
                 **common,
             ),
         }
@@ -145,23 +151,81 @@ class ToySystem(System):
     def example_batch(self, model, *, batch_size, generator):
         return torch.randint(0, model.config.vocab, (batch_size, model.config.seq_len + 1), generator=generator)
 
-    def loss(self, model, batch):
-        return lm_loss(model, batch)
+    def generate(self, model, batch, *, use_cache):
+        tokens = batch[:, :4]
+        for _ in range(4):  # the toy LM has no cache: both ways recompute
+            tokens = torch.cat([tokens, model(tokens)[:, -1:].argmax(-1)], dim=1)
+        return tokens
 
-    def make_task(self, preset, *, data=None, settings=None) -> Task:
-        if data is not None:
+    def make_task(self, request: TaskRequest) -> Task:
+        if request.data is not None:
             raise ValueError("data: the toy system trains on a generated pattern only")
-        return make_toy_task(settings or preset.settings, config=preset.model_config, model_class=self.model_class)
+        model_class = self.model_class(request.stage.model_config)
+        return make_toy_task(request.settings, config=request.stage.model_config, model_class=model_class)
 
 
 class OtherToySystem(ToySystem):
     name = "toy2"
-    model_class = OtherToyLM
+    model_classes = (OtherToyLM,)
+
+
+def distill_loss(teacher: nn.Module):
+    """Stage 2 of the staged toy: next-token cross-entropy plus KL to the trained stage-1 model's predictions."""
+
+    def loss(module: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = module(tokens[:, :-1])
+        with torch.no_grad():
+            targets = teacher(tokens[:, :-1]).log_softmax(-1)
+        ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        kl = F.kl_div(logits.log_softmax(-1), targets, log_target=True, reduction="batchmean")
+        return ce + kl, {"kl": kl.detach()}
+
+    return loss
+
+
+class StagedToySystem(System):
+    """Two stages of two model classes: ``first`` (a ToyLM) trains on the pattern, ``second`` (an
+    OtherToyLM) distils it."""
+
+    name = "toy-staged"
+    description = "Two toy stages: a pattern LM, then a second LM that distils it."
+    model_classes = (ToyLM, OtherToyLM)
+
+    def presets(self) -> dict[str, Preset]:
+        settings = TrainSettings(steps=6, batch_size=4, warmup_steps=2, eval_every=3, checkpoint_every=2, log_every=1)
+        stages = (
+            Stage(name="first", model_config=ToyConfig(), settings=settings),
+            Stage(
+                name="second",
+                model_config=OtherToyConfig(dim=24),
+                settings=replace(settings, steps=5, lr=1e-3),
+                needs=("first",),
+            ),
+        )
+        common = dict(system=self.name, data="a generated pattern", expected_minutes=0.1, stages=stages)
+        return {
+            "tiny": Preset(name="tiny", description="two toy stages", **common),
+            "demo": Preset(name="demo", description="two toy stages for the demo", **common),
+        }
+
+    def example_batch(self, model, *, batch_size, generator):
+        return torch.randint(0, model.config.vocab, (batch_size, model.config.seq_len + 1), generator=generator)
+
+    def make_task(self, request: TaskRequest) -> Task:
+        stage = request.stage
+        task = make_toy_task(
+            request.settings, config=stage.model_config, model_class=self.model_class(stage.model_config)
+        )
+        if stage.name == "second":
+            task.loss = distill_loss(request.inputs["first"])
+        return task
 
 
 def install_spies(folder: Path) -> None:
     """Record, per rank, each call of the checkpoint / metrics writers and the final weights."""
+    import quintet.training.pipeline as pipeline
     import quintet.training.progress as progress
+    import quintet.training.state as state
     import quintet.training.trainer as trainer
 
     rank = os.environ.get("RANK", "0")
@@ -171,7 +235,7 @@ def install_spies(folder: Path) -> None:
         with open(folder / f"rank{rank}-writes.txt", "a", encoding="utf-8") as handle:
             handle.write(what + "\n")
 
-    original_write = trainer.write_checkpoint
+    original_write = state.write_checkpoint
 
     def write_checkpoint(*args, **kwargs):
         note("checkpoint")
@@ -184,7 +248,7 @@ def install_spies(folder: Path) -> None:
             note("metrics")
         return original_record(self, event)
 
-    original_fit, original_teardown = trainer.Trainer.fit, trainer.teardown_distributed
+    original_fit, original_teardown = trainer.Trainer.fit, pipeline.teardown_distributed
     running = {}
 
     def fit(self):
@@ -200,17 +264,36 @@ def install_spies(folder: Path) -> None:
         torch.save(weights, folder / f"rank{rank}.pt")
         original_teardown(context)
 
-    trainer.write_checkpoint = write_checkpoint
+    state.write_checkpoint = write_checkpoint
     progress.RunLogger.record = record
     trainer.Trainer.fit = fit
-    trainer.teardown_distributed = teardown_distributed
+    pipeline.teardown_distributed = teardown_distributed
+
+
+def install_kill(stage: str, step: int) -> None:
+    """SIGKILL this process after optimizer step ``step`` of stage ``stage`` (a crash mid-run)."""
+    import quintet.training.pipeline as pipeline
+
+    original = pipeline._make_task
+
+    def make_task(system, preset, stage_, *args, **kwargs):
+        task = original(system, preset, stage_, *args, **kwargs)
+        if stage_.name == stage:
+            task.after_step = lambda done: os.kill(os.getpid(), signal.SIGKILL) if done == step else None
+        return task
+
+    pipeline._make_task = make_task
 
 
 if __name__ == "__main__":
     register(ToySystem())
     register(OtherToySystem())
+    register(StagedToySystem())
     if os.environ.get("QUINTET_TEST_SPY"):
         install_spies(Path(os.environ["QUINTET_TEST_SPY"]))
+    if os.environ.get("QUINTET_TEST_KILL_AT"):
+        kill_stage, kill_step = os.environ["QUINTET_TEST_KILL_AT"].split(":")
+        install_kill(kill_stage, int(kill_step))
     from quintet.cli import main
 
     sys.exit(main())

@@ -12,7 +12,6 @@ Targets (issue 4), float32 on CPU, both sides of every ratio measured in this pr
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 import time
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from quintet import registry
 from quintet.bench import peak_memory, time_fn
 from quintet.hourglass import FlatLM, HourglassConfig, HourglassLM, count_parameters, flat_baseline
+from quintet.registry import TaskRequest
 
 VOCAB, DIM, HEADS, DIM_HEAD = 256, 256, 4, 64
 
@@ -147,9 +147,10 @@ def quality_per_compute(seconds: float) -> dict:
     system = registry.get_system("hourglass")
     preset = system.presets()["demo"]
     result = {"train_seconds_each": seconds, "preset": "demo"}
-    for name, config in (("hourglass", preset.model_config), ("flat", flat_baseline(preset.model_config))):
+    stage = preset.stages[0]
+    for name, config in (("hourglass", stage.model_config), ("flat", flat_baseline(stage.model_config))):
         torch.manual_seed(0)
-        task = system.make_task(dataclasses.replace(preset, model_config=config))
+        task = system.make_task(TaskRequest.for_stage(preset.replace_stage(stage.name, model_config=config)))
         result[name] = {"params": count_parameters(task.model), **_train_for(task, seconds, eval_points=4)}
         print(f"  {name}: {result[name]['steps']} steps, val bpb {result[name]['val_bpb']:.4f}", flush=True)
     result["bpb_gain"] = result["flat"]["val_bpb"] - result["hourglass"]["val_bpb"]

@@ -97,12 +97,12 @@ def bench_decoding(quick: bool) -> dict:
 
 
 def time_training_step(system: QTransformerSystem, name: str, min_time: float) -> dict:
-    preset = system.presets()[name]
+    stage = system.presets()[name].stages[0]
     torch.manual_seed(0)
-    model = system.build_model(preset).train()
+    model = system.build_model(stage).train()
     learner = QLearner(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = system.example_batch(model, batch_size=preset.settings.batch_size, generator=torch.Generator())
+    batch = system.example_batch(model, batch_size=stage.settings.batch_size, generator=torch.Generator())
 
     def step():
         loss, _ = learner.loss(batch)
@@ -111,7 +111,7 @@ def time_training_step(system: QTransformerSystem, name: str, min_time: float) -
         optimizer.step()
         learner.update_target()
 
-    return {"batch_size": preset.settings.batch_size, "step_ms": time_fn(step, min_run_time=min_time) * 1e3}
+    return {"batch_size": stage.settings.batch_size, "step_ms": time_fn(step, min_run_time=min_time) * 1e3}
 
 
 def bench_training_step(quick: bool) -> dict:
@@ -127,7 +127,7 @@ def bench_collection(quick: bool) -> dict:
     discretiser = ActionDiscretiser.from_space(envs[0].action_space)
     scaler = RewardScaler.for_discount(0.0, 1.0, 0.98)
     rng = np.random.default_rng(0)
-    model = QTransformerSystem().build_model(QTransformerSystem().presets()["cartpole"]).eval()
+    model = QTransformerSystem().build_model(QTransformerSystem().presets()["cartpole"].stages[0]).eval()
     policies = {
         "random": lambda obs: rng.integers(0, 2, size=(len(obs), 1)),
         "q_transformer_greedy": greedy_policy(model),

@@ -20,7 +20,7 @@ from torch import nn
 
 from quintet.core import PretrainedModel, Transformer
 from quintet.training import Task, Trainer, TrainSettings
-from quintet.training.trainer import lr_factor
+from quintet.training.optim import lr_factor
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,7 @@ from quintet.core.config import (
 from quintet.core.feedforward import FeedForward
 from quintet.core.norms import ConditionedNorm, RMSNorm, make_norm
 from quintet.core.positions import LearnedPositions, RotaryEmbedding, SinusoidalPositions, apply_rotary
+from quintet.core.quantize import QuantizerOutput, ResidualQuantizer, VectorQuantizer
 from quintet.core.transformer import Transformer, TransformerBlock
 
 __all__ = [
@@ -24,11 +25,14 @@ __all__ = [
     "LayerCache",
     "LearnedPositions",
     "PretrainedModel",
+    "QuantizerOutput",
     "RMSNorm",
+    "ResidualQuantizer",
     "RotaryEmbedding",
     "SinusoidalPositions",
     "Transformer",
     "TransformerBlock",
+    "VectorQuantizer",
     "apply_rotary",
     "config_from_dict",
     "config_to_dict",

@@ -106,6 +106,20 @@ def _decode_value(annotation: Any, value: Any, where: str) -> Any:
     return value
 
 
+def config_class_tag(directory: str | os.PathLike) -> str:
+    """The config class name a ``save_pretrained`` folder's ``config.json`` is tagged with."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: config file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict) or not isinstance(data.get(CLASS_KEY), str):
+        raise CheckpointError(f"{path}: has no {CLASS_KEY!r} tag naming its config class")
+    return data[CLASS_KEY]
+
+
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write ``config`` as JSON atomically (temp file + rename)."""
     atomic_write_text(Path(path), json.dumps(config_to_dict(config), indent=2, sort_keys=True) + "\n")
@@ -135,6 +149,11 @@ class PretrainedModel(nn.Module, PyTorchModelHubMixin):
         if not isinstance(config, self.config_class):
             raise TypeError(f"config: expected {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The submodules FSDP shards one by one: by default every submodule whose class sets
+        ``fsdp_unit = True`` (``core.TransformerBlock`` does); a model may name its own."""
+        return [module for module in self.modules() if module is not self and getattr(module, "fsdp_unit", False)]
 
     def _save_pretrained(self, save_directory: Path) -> None:
         save_directory = Path(save_directory)

@@ -36,3 +36,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def ensure_writable_dir(path: str | os.PathLike, name: str) -> Path:
+    """Create ``path`` if needed and check a file can be written there; ValueError naming ``name`` if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".quintet-write-test"
+        probe.write_text("ok", encoding="ascii")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"{name}: cannot write to {path} ({reason})") from error
+    return path

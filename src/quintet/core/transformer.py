@@ -28,6 +28,9 @@ class _Norm(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    fsdp_unit = True
+    """FSDP shards each block on its own (see ``training.parallel``)"""
+
     def __init__(
         self,
         dim: int,

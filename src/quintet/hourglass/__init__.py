@@ -10,7 +10,7 @@ from quintet.hourglass.model import (
     count_parameters,
     flat_baseline,
 )
-from quintet.hourglass.system import HourglassSystem  # registers the system
+from quintet.hourglass.system import HourglassRecipe, HourglassSystem
 
 __all__ = [
     "FlatConfig",
@@ -18,6 +18,7 @@ __all__ = [
     "HourglassCache",
     "HourglassConfig",
     "HourglassLM",
+    "HourglassRecipe",
     "HourglassSystem",
     "HourglassTransformer",
     "count_parameters",

@@ -29,14 +29,14 @@ def load_corpus(data: str | None, *, enwik8: bool = False) -> ByteCorpus:
     return text_corpus(data)
 
 
-def lm_loss(module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def lm_loss(module: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-byte cross entropy of ``batch (b, n + 1)``; also reported in bits per byte."""
     check_tensor(batch, "batch", ndim=2, dtype="int")
     if batch.shape[1] < 2:
         raise ValueError(f"batch: expected (b, n + 1) with n >= 1, got shape {tuple(batch.shape)}")
     logits = module(batch[:, :-1])
     loss = F.cross_entropy(rearrange(logits, "b n v -> (b n) v").float(), rearrange(batch[:, 1:], "b n -> (b n)"))
-    return loss, {"bpb": loss.item() / math.log(2)}
+    return loss, {"bpb": loss.detach() / math.log(2)}
 
 
 def _batch_seed(seed: int, index: int) -> int:

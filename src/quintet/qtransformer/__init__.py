@@ -1,7 +1,7 @@
 """Q-Transformer (Chebotar et al. 2023): scalable offline RL via autoregressive Q-functions.
 
-Importing this package registers the ``qtransformer`` system (presets ``tiny``, ``cartpole``,
-``lunarlander-offline``).
+:class:`QTransformerSystem` (presets ``tiny``, ``cartpole``, ``demo``, ``lunarlander-offline``) registers
+through the ``quintet.systems`` entry point.
 """
 
 from quintet.qtransformer.config import MaxViTConfig, QTransformerConfig, StateEncoderConfig
@@ -9,6 +9,7 @@ from quintet.qtransformer.data import (
     ActionDiscretiser,
     Episode,
     ReplayDataset,
+    ReplaySpec,
     RewardScaler,
     collect_episodes,
     evaluate,
@@ -32,6 +33,7 @@ __all__ = [
     "QTransformerConfig",
     "QTransformerSystem",
     "ReplayDataset",
+    "ReplaySpec",
     "RewardScaler",
     "StateEncoder",
     "StateEncoderConfig",

@@ -1,16 +1,15 @@
-"""Logged episodes for offline RL: an on-disk replay dataset, collection from gymnasium, Minari I/O.
+"""Q-learning data on the shared episode store: action bins, reward scaling, returns-to-go, batches.
 
-A :class:`ReplayDataset` is a folder of ``.npy`` arrays opened memory-mapped, so datasets larger than
-memory train without loading:
+Episodes are stored once, one way, by :mod:`quintet.data.episodes` (memory-mapped ``.npy`` arrays +
+``meta.json``). What is Q-specific lives here:
 
-- ``observations (E + T, ...)``: every episode's observations, its final one included;
-- ``actions (T, d)`` (bins), ``rewards (T,)`` (raw), ``terminated (T,)``, ``truncated (T,)``,
-  ``returns_to_go (T,)`` (discounted, of the scaled rewards);
-- ``episode_starts (E + 1,)``: transition offsets; ``text_embeds (E, e)`` optional, one per episode;
-- ``meta.json``: shapes, the action discretiser, the reward scaler and the discount.
-
-``terminated`` and ``truncated`` stay apart: a time-limit truncation is bootstrapped, a termination
-is not.
+- :class:`ActionDiscretiser` (env actions <-> bins per dimension) and :class:`RewardScaler`;
+- :class:`ReplaySpec`, the spec the store's one writer applies: checks that actions are bins
+  ``(T, d)`` and derives ``returns_to_go (T,)`` (discounted, of the scaled rewards);
+- :class:`ReplayDataset`, a view of a store written with a ``ReplaySpec`` whose ``batch`` /
+  ``sample`` give what :class:`~quintet.qtransformer.learner.QLearner` trains on (frame stacking,
+  n-step windows); an optional per-episode ``text_embed`` attribute becomes ``text_embeds``;
+- gymnasium rollouts that act in bins, and Minari import / export with the discretisation.
 
 Shape glossary: ``E`` episodes, ``T`` transitions, ``b`` batch, ``f`` frames, ``d`` action
 dimensions, ``n`` n-step horizon, ``e`` text-embedding dim.
@@ -18,21 +17,36 @@ dimensions, ``n`` n-step horizon, ``e`` text-embedding dim.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from quintet.core.config import atomic_write, atomic_write_text
-from quintet.data import cache_dir
+from quintet.core.io import cache_dir
+from quintet.core.validation import check_int, check_number
+from quintet.data import rollouts
+from quintet.data.episodes import META_FILE, Episode, EpisodeSpec, EpisodeStore, write_episodes
+from quintet.data.minari_io import load_minari, read_minari, write_minari
 
-META_FILE = "meta.json"
+__all__ = [
+    "META_FILE",
+    "ActionDiscretiser",
+    "Episode",
+    "Policy",
+    "ReplayDataset",
+    "ReplaySpec",
+    "RewardScaler",
+    "collect_episodes",
+    "discounted_returns",
+    "evaluate",
+    "from_minari",
+    "rollout",
+    "to_minari",
+]
 
 
 # ---------------------------------------------------------------------------- actions and rewards
@@ -127,46 +141,8 @@ class RewardScaler:
         return (np.clip(rewards, self.low, self.high) - self.low) / (self.high - self.low) * self.scale
 
 
-# ---------------------------------------------------------------------------- episodes
 
-
-@dataclass
-class Episode:
-    """One logged episode: ``observations (T + 1, ...)`` (the final one included), ``actions (T, d)``
-    bins, ``rewards (T,)``, ``terminated (T,)``, ``truncated (T,)``, optional ``text_embed (e,)``."""
-
-    observations: np.ndarray
-    actions: np.ndarray
-    rewards: np.ndarray
-    terminated: np.ndarray
-    truncated: np.ndarray
-    text_embed: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        steps = len(self.rewards)
-        if steps < 1:
-            raise ValueError("episode: needs at least one transition")
-        if len(self.observations) != steps + 1:
-            raise ValueError(
-                f"observations: expected T + 1 = {steps + 1} (final one included), got {len(self.observations)}"
-            )
-        for name in ("actions", "terminated", "truncated"):
-            if len(getattr(self, name)) != steps:
-                raise ValueError(
-                    f"{name}: expected {steps} entries (one per transition), got {len(getattr(self, name))}"
-                )
-        if np.asarray(self.actions).ndim != 2:
-            raise ValueError(f"actions: expected bins (T, d), got shape {np.shape(self.actions)}")
-        if np.any(self.terminated[:-1]) or np.any(self.truncated[:-1]):
-            raise ValueError("terminated/truncated: only an episode's last transition can end it")
-
-    @property
-    def length(self) -> int:
-        return len(self.rewards)
-
-    @property
-    def raw_return(self) -> float:
-        return float(np.sum(self.rewards))
+# ---------------------------------------------------------------------------- returns
 
 
 def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
@@ -179,138 +155,135 @@ def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
     return returns
 
 
+# ---------------------------------------------------------------------------- the store's spec
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplaySpec(EpisodeSpec):
+    """How Q-learning episodes are written: actions are bins ``(T, d)`` in ``[0, action_bins)``;
+    ``returns_to_go`` are the discounted returns of the ``reward_scaler``-scaled rewards.
+
+    ``discretiser`` maps bins back to env actions (rollouts, Minari export); ``env_id`` names the env.
+    """
+
+    reward_scaler: RewardScaler
+    gamma: float
+    action_bins: int
+    discretiser: ActionDiscretiser | None = None
+    env_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reward_scaler, RewardScaler):
+            raise TypeError(f"reward_scaler: expected a RewardScaler, got {type(self.reward_scaler).__name__}")
+        check_number(self.gamma, "gamma", low=0.0, high=1.0)
+        check_int(self.action_bins, "action_bins", minimum=2)
+        if self.discretiser is not None:
+            if not isinstance(self.discretiser, ActionDiscretiser):
+                raise TypeError(f"discretiser: expected an ActionDiscretiser, got {type(self.discretiser).__name__}")
+            if self.discretiser.bins != self.action_bins:
+                raise ValueError(
+                    f"action_bins: {self.action_bins} differs from the discretiser's {self.discretiser.bins} bins"
+                )
+
+    @classmethod
+    def for_discretiser(
+        cls, discretiser: ActionDiscretiser, reward_scaler: RewardScaler, gamma: float, env_id: str | None = None
+    ) -> ReplaySpec:
+        return cls(
+            reward_scaler=reward_scaler,
+            gamma=gamma,
+            action_bins=discretiser.bins,
+            discretiser=discretiser,
+            env_id=env_id,
+        )
+
+    def check(self, episode: Episode) -> None:
+        actions = episode.actions
+        if actions.ndim != 2 or not np.issubdtype(actions.dtype, np.integer):
+            raise ValueError(f"actions: expected integer bins (T, d), got {actions.dtype} {actions.shape}")
+        if self.discretiser is not None and actions.shape[1] != self.discretiser.num_actions:
+            raise ValueError(
+                f"actions: expected {self.discretiser.num_actions} action dimensions, got {actions.shape[1]}"
+            )
+        if actions.min() < 0 or actions.max() >= self.action_bins:
+            raise ValueError(
+                f"actions: bins must lie in [0, {self.action_bins}), got [{actions.min()}, {actions.max()}]"
+            )
+
+    def step_arrays(self, episode: Episode) -> dict[str, np.ndarray]:
+        returns = discounted_returns(self.reward_scaler(episode.rewards), self.gamma)
+        return {"returns_to_go": returns.astype(np.float32)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ReplaySpec:
+        discretiser = data.get("discretiser")
+        return cls(
+            reward_scaler=RewardScaler(**data["reward_scaler"]),
+            gamma=data["gamma"],
+            action_bins=data["action_bins"],
+            discretiser=None if discretiser is None else _discretiser_from_json(discretiser),
+            env_id=data.get("env_id"),
+        )
+
+
+def _discretiser_from_json(data: dict[str, Any]) -> ActionDiscretiser:
+    return ActionDiscretiser(
+        low=tuple(data["low"]), high=tuple(data["high"]), bins=data["bins"], discrete=data["discrete"]
+    )
+
+
 # ---------------------------------------------------------------------------- the dataset
 
 
-class ReplayDataset:
-    """Memory-mapped logged episodes; ``batch(indices)`` returns what :class:`QLearner` trains on.
+class ReplayDataset(EpisodeStore):
+    """An episode store written with a :class:`ReplaySpec`; ``batch(indices)`` returns what
+    :class:`QLearner` trains on.
 
     ``frames`` stacks the last ``frames`` observations (repeating an episode's first one at its
     start); ``n_step > 1`` yields ``rewards (b, n)``, zero past the episode end, with ``horizon``.
     """
 
     def __init__(self, path: str | os.PathLike, *, frames: int = 1, n_step: int = 1):
-        self.path = Path(path)
-        if not (self.path / META_FILE).is_file():
-            raise FileNotFoundError(f"path: {self.path} is not a ReplayDataset folder (no {META_FILE})")
-        if frames < 1 or n_step < 1:
-            raise ValueError(f"frames/n_step: expected >= 1, got {frames} / {n_step}")
+        super().__init__(path)
+        for name, value in (("frames", frames), ("n_step", n_step)):
+            check_int(value, name, minimum=1)
+        if self.spec_json is None or self.spec_json.get("type") != ReplaySpec.__qualname__:
+            raise ValueError(
+                f"path: {self.path} was written without a ReplaySpec (no action bins, no returns-to-go); "
+                f"write it with ReplayDataset.write(path, episodes, spec)"
+            )
         self.frames, self.n_step = frames, n_step
-        self.meta = json.loads((self.path / META_FILE).read_text(encoding="utf-8"))
-        load = lambda name: np.load(self.path / f"{name}.npy", mmap_mode="r")
-        self.observations = load("observations")
-        self.actions = load("actions")
-        self.rewards = load("rewards")
-        self.terminated = load("terminated")
-        self.truncated = load("truncated")
-        self.returns_to_go = load("returns_to_go")
-        self.episode_starts = np.asarray(load("episode_starts"))
-        self.text_embeds = load("text_embeds") if self.meta["has_text"] else None
-        self.discretiser = ActionDiscretiser(**self.meta["discretiser"]) if self.meta["discretiser"] else None
-        self.reward_scaler = RewardScaler(**self.meta["reward_scaler"])
-        self.gamma = float(self.meta["gamma"])
-        self.image = len(self.meta["obs_shape"]) == 3
-
-    # -- writing
+        self.spec = ReplaySpec.from_json(self.spec_json)
+        self.discretiser = self.spec.discretiser
+        self.reward_scaler = self.spec.reward_scaler
+        self.gamma = float(self.spec.gamma)
+        self.returns_to_go = self.step_arrays["returns_to_go"]
+        self.text_embeds = self.attributes.get("text_embed")
+        self.image = self.observations.ndim == 4
 
     @classmethod
     def write(
         cls,
         path: str | os.PathLike,
         episodes: Sequence[Episode],
+        spec: ReplaySpec,
         *,
-        reward_scaler: RewardScaler,
-        gamma: float,
-        action_bins: int,
-        discretiser: ActionDiscretiser | None = None,
-        env_id: str | None = None,
         frames: int = 1,
         n_step: int = 1,
     ) -> ReplayDataset:
-        """Write ``episodes`` to the folder ``path`` (replacing a dataset there) and open it."""
-        if not episodes:
-            raise ValueError("episodes: expected at least one episode")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        obs_shape = tuple(np.shape(episodes[0].observations)[1:])
-        num_actions = np.shape(episodes[0].actions)[1]
-        has_text = episodes[0].text_embed is not None
-        for index, episode in enumerate(episodes):
-            if tuple(np.shape(episode.observations)[1:]) != obs_shape or np.shape(episode.actions)[1] != num_actions:
-                raise ValueError(f"episodes[{index}]: observation / action shapes differ from episode 0")
-            if (episode.text_embed is not None) != has_text:
-                raise ValueError(f"episodes[{index}]: text_embed given for some episodes but not all")
-            actions = np.asarray(episode.actions)
-            if actions.min() < 0 or actions.max() >= action_bins:
-                raise ValueError(f"episodes[{index}]: action bins must lie in [0, {action_bins})")
-        lengths = np.array([episode.length for episode in episodes])
-        starts = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
-        cat = lambda name, dtype: np.concatenate([np.asarray(getattr(e, name), dtype=dtype) for e in episodes])
-        arrays = {
-            "observations": np.concatenate([np.asarray(e.observations) for e in episodes]),
-            "actions": cat("actions", np.int64),
-            "rewards": cat("rewards", np.float32),
-            "terminated": cat("terminated", bool),
-            "truncated": cat("truncated", bool),
-            "returns_to_go": np.concatenate(
-                [discounted_returns(reward_scaler(e.rewards), gamma) for e in episodes]
-            ).astype(np.float32),
-            "episode_starts": starts,
-        }
-        if has_text:
-            arrays["text_embeds"] = np.stack([np.asarray(e.text_embed, dtype=np.float32) for e in episodes])
-        for name, array in arrays.items():
-            # a new file replaces the old one: readers still mapping the old arrays keep valid memory
-            atomic_write(path / f"{name}.npy", lambda tmp, array=array: _save_npy(tmp, array))
-        meta = {
-            "obs_shape": list(obs_shape),
-            "num_actions": int(num_actions),
-            "action_bins": int(action_bins),
-            "num_episodes": len(episodes),
-            "num_transitions": int(starts[-1]),
-            "has_text": has_text,
-            "text_embed_dim": int(arrays["text_embeds"].shape[1]) if has_text else None,
-            "discretiser": asdict(discretiser) if discretiser else None,
-            "reward_scaler": asdict(reward_scaler),
-            "gamma": gamma,
-            "env_id": env_id,
-        }
-        atomic_write_text(path / META_FILE, json.dumps(meta, indent=2) + "\n")
-        return cls(path, frames=frames, n_step=n_step)
-
-    # -- reading
-
-    def __len__(self) -> int:
-        return int(self.episode_starts[-1])
-
-    @property
-    def num_episodes(self) -> int:
-        return len(self.episode_starts) - 1
+        """Write ``episodes`` (actions as bins) with ``spec`` to the folder ``path``, replacing a store
+        there, and open it with ``frames`` / ``n_step``."""
+        if not isinstance(spec, ReplaySpec):
+            raise TypeError(f"spec: expected a ReplaySpec, got {type(spec).__name__}")
+        return cls(write_episodes(path, episodes, spec, env_id=spec.env_id), frames=frames, n_step=n_step)
 
     @property
     def action_bins(self) -> int:
-        return int(self.meta["action_bins"])
+        return self.spec.action_bins
 
     @property
     def num_actions(self) -> int:
-        return int(self.meta["num_actions"])
-
-    def episode_returns(self) -> np.ndarray:
-        """Undiscounted raw return of every episode."""
-        return np.add.reduceat(np.asarray(self.rewards, dtype=np.float64), self.episode_starts[:-1])
-
-    def episode(self, index: int) -> Episode:
-        if not 0 <= index < self.num_episodes:
-            raise ValueError(f"index: expected an episode in [0, {self.num_episodes}), got {index}")
-        start, end = self.episode_starts[index], self.episode_starts[index + 1]
-        return Episode(
-            observations=np.asarray(self.observations[start + index : end + index + 1]),
-            actions=np.asarray(self.actions[start:end]),
-            rewards=np.asarray(self.rewards[start:end]),
-            terminated=np.asarray(self.terminated[start:end]),
-            truncated=np.asarray(self.truncated[start:end]),
-            text_embed=None if self.text_embeds is None else np.asarray(self.text_embeds[index]),
-        )
+        return int(self.actions.shape[1])
 
     def _stacked(self, obs_index: np.ndarray, first_obs: np.ndarray) -> torch.Tensor:
         offsets = np.arange(-self.frames + 1, 1)
@@ -324,10 +297,8 @@ class ReplayDataset:
     def batch(self, indices: np.ndarray | Sequence[int]) -> dict[str, torch.Tensor]:
         """Transitions ``indices`` -> ``obs``, ``actions``, ``rewards``, ``next_obs``, ``dones``,
         ``returns_to_go`` (+ ``horizon`` for n-step, ``text_embeds`` when logged)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= len(self))):
-            raise ValueError(f"indices: expected a 1-D array of transitions in [0, {len(self)})")
-        episode = np.searchsorted(self.episode_starts, indices, side="right") - 1
+        indices = self._check_indices(indices, "indices", len(self))
+        episode = self.episode_of(indices)
         end = self.episode_starts[episode + 1]
         first_obs = self.episode_starts[episode] + episode
         horizon = np.minimum(self.n_step, end - indices)
@@ -349,7 +320,7 @@ class ReplayDataset:
         else:
             batch["horizon"] = torch.from_numpy(horizon)
         if self.text_embeds is not None:
-            batch["text_embeds"] = torch.from_numpy(np.asarray(self.text_embeds[episode]))
+            batch["text_embeds"] = torch.from_numpy(np.asarray(self.text_embeds[episode], dtype=np.float32))
         return batch
 
     def sample(self, batch_size: int, generator: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -364,13 +335,6 @@ Policy = Callable[[np.ndarray], np.ndarray]
 ``frames > 1`` the rows are the last ``frames`` observations ``(k, frames, ...)``, as in a dataset batch."""
 
 
-def _as_envs(env: Any) -> list:
-    envs = list(env) if isinstance(env, (list, tuple)) else [env]
-    if not envs or not all(hasattr(e, "step") and hasattr(e, "reset") for e in envs):
-        raise TypeError("env: expected a gymnasium Env or a list of them")
-    return envs
-
-
 def rollout(
     env: Any,
     policy: Policy,
@@ -382,65 +346,32 @@ def rollout(
     text_embed: np.ndarray | None = None,
     frames: int = 1,
 ) -> list[Episode]:
-    """Run ``n`` episodes (seeds ``seed, seed + 1, ...``); several envs step in lockstep, batching the policy.
+    """Run ``n`` episodes (seeds ``seed, seed + 1, ...``) with a policy that acts in bins, stored as bins
+    and sent to the env through ``discretiser``; several envs step in lockstep, batching the policy.
 
     ``frames > 1`` shows the policy each env's last ``frames`` observations, the episode's first one
     repeated before it has that many (the stacking :class:`ReplayDataset` trains on).
     """
-    if n < 1:
-        raise ValueError(f"n: expected >= 1 episodes, got {n}")
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise ValueError(f"frames: expected an integer >= 1, got {frames!r}")
-    envs = _as_envs(env)
-    episodes: list[Episode] = []
-    next_seed = seed
-    active: dict[int, dict[str, list]] = {}
 
-    def start(slot: int) -> None:
-        nonlocal next_seed
-        observation, _ = envs[slot].reset(seed=next_seed)
-        next_seed += 1
-        active[slot] = {"obs": [np.asarray(observation)], "actions": [], "rewards": [], "term": [], "trunc": []}
+    def bins_policy(observations: np.ndarray) -> np.ndarray:
+        bins = np.asarray(policy(observations))
+        if bins.shape != (len(observations), discretiser.num_actions) or not np.issubdtype(bins.dtype, np.integer):
+            raise ValueError(
+                f"policy: expected integer bins ({len(observations)}, {discretiser.num_actions}), "
+                f"got {bins.dtype} {bins.shape}"
+            )
+        return bins.astype(np.int64)
 
-    def policy_input(slot: int) -> np.ndarray:
-        history = active[slot]["obs"]
-        if frames == 1:
-            return history[-1]
-        recent = history[-frames:]
-        return np.stack([history[0]] * (frames - len(recent)) + recent)
-
-    for slot in range(min(len(envs), n)):
-        start(slot)
-    while active:
-        slots = sorted(active)
-        bins = np.asarray(policy(np.stack([policy_input(s) for s in slots])))
-        if bins.shape != (len(slots), discretiser.num_actions):
-            raise ValueError(f"policy: expected bins ({len(slots)}, {discretiser.num_actions}), got {bins.shape}")
-        env_actions = discretiser.from_bins(bins)
-        for row, slot in enumerate(slots):
-            record = active[slot]
-            observation, reward, terminated, truncated, _ = envs[slot].step(env_actions[row])
-            truncated = truncated or (max_steps is not None and len(record["rewards"]) + 1 >= max_steps)
-            record["obs"].append(np.asarray(observation))
-            record["actions"].append(bins[row])
-            record["rewards"].append(float(reward))
-            record["term"].append(bool(terminated))
-            record["trunc"].append(bool(truncated and not terminated))
-            if terminated or truncated:
-                episodes.append(
-                    Episode(
-                        observations=np.stack(record["obs"]),
-                        actions=np.stack(record["actions"]).astype(np.int64),
-                        rewards=np.asarray(record["rewards"], dtype=np.float32),
-                        terminated=np.asarray(record["term"]),
-                        truncated=np.asarray(record["trunc"]),
-                        text_embed=text_embed,
-                    )
-                )
-                del active[slot]
-                if next_seed - seed < n:
-                    start(slot)
-    return episodes
+    return rollouts.rollout(
+        env,
+        bins_policy,
+        n,
+        to_env=discretiser.from_bins,
+        seed=seed,
+        max_steps=max_steps,
+        frames=frames,
+        attributes=None if text_embed is None else {"text_embed": np.asarray(text_embed)},
+    )
 
 
 def collect_episodes(
@@ -464,18 +395,8 @@ def collect_episodes(
     episodes = rollout(
         env, policy, n, discretiser=discretiser, seed=seed, max_steps=max_steps, text_embed=text_embed, frames=frames
     )
-    env_id = getattr(getattr(_as_envs(env)[0], "spec", None), "id", None)
-    return ReplayDataset.write(
-        path,
-        episodes,
-        reward_scaler=reward_scaler,
-        gamma=gamma,
-        action_bins=discretiser.bins,
-        discretiser=discretiser,
-        env_id=env_id,
-        frames=frames,
-        n_step=n_step,
-    )
+    spec = ReplaySpec.for_discretiser(discretiser, reward_scaler, gamma, env_id=rollouts.env_id_of(env))
+    return ReplayDataset.write(path, episodes, spec, frames=frames, n_step=n_step)
 
 
 def evaluate(
@@ -487,11 +408,6 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------- Minari
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # through a handle: np.save appends ".npy" to a bare path
-        np.save(handle, array)
 
 
 def from_minari(
@@ -510,24 +426,9 @@ def from_minari(
     Box actions are discretised into ``bins`` per dimension; the reward scaler defaults to
     ``RewardScaler.for_discount`` over the dataset's reward range.
     """
-    import minari
-
-    if isinstance(dataset, str):
-        dataset = minari.load_dataset(dataset)
+    dataset = load_minari(dataset)
     discretiser = ActionDiscretiser.from_space(dataset.action_space, bins)
-    episodes = []
-    for data in dataset.iterate_episodes():
-        if not isinstance(data.observations, np.ndarray):
-            raise TypeError("dataset: only array observations (Box spaces) can be imported, got a dict/tuple space")
-        episodes.append(
-            Episode(
-                observations=np.asarray(data.observations),
-                actions=discretiser.to_bins(np.asarray(data.actions)),
-                rewards=np.asarray(data.rewards, dtype=np.float32),
-                terminated=np.asarray(data.terminations, dtype=bool),
-                truncated=np.asarray(data.truncations, dtype=bool),
-            )
-        )
+    episodes = read_minari(dataset, actions=discretiser.to_bins)
     if reward_scaler is None:
         rewards = np.concatenate([e.rewards for e in episodes])
         low, high = float(rewards.min()), float(rewards.max())
@@ -535,43 +436,16 @@ def from_minari(
     env_id = dataset.spec.env_spec.id if dataset.spec.env_spec is not None else None
     if path is None:
         path = cache_dir() / "minari" / dataset.id.replace("/", "--")
-    return ReplayDataset.write(
-        path,
-        episodes,
-        reward_scaler=reward_scaler,
-        gamma=gamma,
-        action_bins=discretiser.bins,
-        discretiser=discretiser,
-        env_id=env_id,
-        frames=frames,
-        n_step=n_step,
-    )
+    spec = ReplaySpec.for_discretiser(discretiser, reward_scaler, gamma, env_id=env_id)
+    return ReplayDataset.write(path, episodes, spec, frames=frames, n_step=n_step)
 
 
 def to_minari(replay: ReplayDataset, dataset_id: str, *, env: Any = None, **metadata: Any) -> Any:
     """Export ``replay`` as a Minari dataset (arrow format) named ``dataset_id``; actions leave as the
     environment values of their bins. ``env`` (an Env, id or spec) defaults to the logged env id."""
-    import minari
-    from minari.data_collector import EpisodeBuffer
-
+    if not isinstance(replay, ReplayDataset):
+        raise TypeError(f"replay: expected a ReplayDataset, got {type(replay).__name__}")
     if replay.discretiser is None:
         raise ValueError("replay: has no action discretiser, its bins cannot be mapped back to env actions")
-    env = env if env is not None else replay.meta.get("env_id")
-    if env is None:
-        raise ValueError("env: the dataset logged no env id; pass env=")
-    buffers = []
-    for index in range(replay.num_episodes):
-        episode = replay.episode(index)
-        buffers.append(
-            EpisodeBuffer(
-                id=index,
-                observations=episode.observations,
-                actions=replay.discretiser.from_bins(episode.actions),
-                rewards=list(map(float, episode.rewards)),
-                terminations=list(map(bool, episode.terminated)),
-                truncations=list(map(bool, episode.truncated)),
-                infos={},
-            )
-        )
     metadata.setdefault("algorithm_name", "quintet.qtransformer")
-    return minari.create_dataset_from_buffers(dataset_id, buffers, env=env, data_format="arrow", **metadata)
+    return write_minari(replay, dataset_id, env=env, actions=replay.discretiser.from_bins, **metadata)

@@ -2,57 +2,64 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from quintet.qtransformer.data import ReplayDataset, rollout
+from quintet.qtransformer.datasets import lunarlander_dataset
 from quintet.qtransformer.envs import EVAL_SEED, lunar_heuristic_policy, make_env
 from quintet.qtransformer.online import REPLAY_DIR
-from quintet.qtransformer.presets import RL_SETTINGS
-from quintet.qtransformer.system import lunarlander_dataset
-from quintet.training import Trainer
+from quintet.registry import DemoRun, Preset
+from quintet.training.pipeline import RunResult
 from quintet.training.report import plot_series
 from quintet.training.task import ReportSection
 
+METRIC_MEANINGS = {
+    "eval_return_mean": "mean episode return of the greedy policy over the evaluation seeds (higher is better)",
+    "eval_return_std": "spread (standard deviation) of those returns",
+    "td_loss": "the temporal-difference loss of eq. 1 (Q-values vs their Bellman targets)",
+    "conservative_loss": "eq. 2's penalty pushing the Q-values of actions the data never took towards 0",
+    "cartpole_return": "CartPole-v1: greedy return over 10 seeds (500 is the maximum, 475 the target)",
+    "lunarlander_return": "LunarLanderContinuous: greedy return over 20 seeds of the offline-trained policy",
+    "lunarlander_dataset_return": "mean return of the noisy-heuristic episodes the LunarLander policy learned from",
+    "lunarlander_heuristic_return": "mean return of gymnasium's noise-free heuristic controller on the same seeds",
+}
 
-def train_preset(system, preset, out_dir: Path, *, budget_s: float, seed: int = 0):
-    """Train ``preset`` with the Trainer for at most ``budget_s`` seconds; the result and its return curve."""
-    settings = replace(preset.settings, seed=seed, time_budget_s=max(1.0, budget_s))
-    torch.manual_seed(seed)
-    task = system.make_task(preset, settings=settings)
-    run_config = {"system": system.name, "preset": preset.name, "demo": True}
-    result = Trainer(task, run_dir=out_dir, device="cpu", run_config=run_config).fit()
-    curve = [(event["step"], event["eval_return_mean"]) for event in result.history if event["kind"] == "eval"]
-    return result, curve
+
+def demo_runs(presets: dict[str, Preset]) -> list[DemoRun]:
+    # CartPole's target takes about 4 minutes on 2 cores; LunarLander gets the rest of the budget
+    return [
+        DemoRun(label="cartpole", preset=presets["demo"], budget_share=2.0, device="cpu"),
+        DemoRun(label="lunarlander", preset=presets["lunarlander-offline"], budget_share=1.0, device="cpu"),
+    ]
 
 
-def train_cartpole(system, preset, out_dir: Path, *, budget_s: float) -> dict:
+def _return_curve(run: RunResult) -> list[tuple[int, float]]:
+    return [(e["step"], e["eval_return_mean"]) for e in run.last.result.history if e["kind"] == "eval"]
+
+
+def cartpole_numbers(run: RunResult) -> dict:
     """The online-offline rounds: greedy return after each round and the mean return of each round's data."""
-    started = time.perf_counter()
-    result, curve = train_preset(system, preset, out_dir, budget_s=budget_s)
-    rl = RL_SETTINGS[preset.name]
-    rounds = [ReplayDataset(path) for path in sorted((out_dir / REPLAY_DIR).glob("round-*"))]
+    rl = run.preset.recipe
+    result = run.last.result
+    rounds = [ReplayDataset(path) for path in sorted((run.run_dir / REPLAY_DIR).glob("round-*"))]
     return {
-        "curve": curve,
+        "curve": _return_curve(run),
         "data_returns": [(i * rl.steps_per_round, float(r.episode_returns().mean())) for i, r in enumerate(rounds)],
         "final_return": result.eval_metrics["eval_return_mean"],
         "target": rl.target_return,
         "episodes": sum(r.num_episodes for r in rounds),
-        "seconds": time.perf_counter() - started,
+        "seconds": result.seconds,
         "steps": result.step,
     }
 
 
-def train_offline_lunarlander(system, preset, out_dir: Path, *, budget_s: float) -> dict:
-    """Offline training on the fixed noisy-heuristic dataset (generated once, cached); greedy returns on the way."""
-    started = time.perf_counter()
-    rl = RL_SETTINGS[preset.name]
-    dataset = lunarlander_dataset(rl, preset.model_config.action_bins)
-    result, curve = train_preset(system, preset, out_dir, budget_s=budget_s - (time.perf_counter() - started))
+def lunarlander_numbers(run: RunResult) -> dict:
+    """Offline training on the fixed noisy-heuristic dataset, beside the dataset's and the clean heuristic's returns."""
+    rl = run.preset.recipe
+    result = run.last.result
+    dataset = lunarlander_dataset(rl, run.last.stage.model_config.action_bins)  # cached when training began
     envs = make_env(rl.env_id, rl.eval_episodes)
     clean = rollout(
         envs,
@@ -62,24 +69,20 @@ def train_offline_lunarlander(system, preset, out_dir: Path, *, budget_s: float)
         seed=EVAL_SEED,
     )
     return {
-        "curve": curve,
+        "curve": _return_curve(run),
         "final_return": result.eval_metrics["eval_return_mean"],
         "dataset_return": float(dataset.episode_returns().mean()),
         "heuristic_return": float(np.mean([e.raw_return for e in clean])),
         "episodes": dataset.num_episodes,
-        "seconds": time.perf_counter() - started,
+        "seconds": result.seconds,
         "steps": result.step,
     }
 
 
-def run_demo(system, out_dir: Path, *, budget_s: float, quick: bool = False) -> ReportSection:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    presets = system.presets()
-    cartpole_budget = budget_s * 2 / 3  # CartPole's target takes about 4 minutes; LunarLander gets the rest
-    cart = train_cartpole(system, presets["demo"], out_dir / "cartpole", budget_s=cartpole_budget)
-    lunar = train_offline_lunarlander(
-        system, presets["lunarlander-offline"], out_dir / "lunarlander", budget_s=max(10.0, budget_s - cart["seconds"])
-    )
+def demo_section(runs: list[RunResult], *, out_dir: Path) -> ReportSection:
+    by_label = {run.label: run for run in runs}
+    cart = cartpole_numbers(by_label["cartpole"])
+    lunar = lunarlander_numbers(by_label["lunarlander"])
     figures = [
         plot_series(
             out_dir / "cartpole_returns.png",

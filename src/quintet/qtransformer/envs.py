@@ -8,18 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quintet.qtransformer.data import ActionDiscretiser, Episode, ReplayDataset, RewardScaler
+from quintet.data.rollouts import make_env as make_env  # re-exported: system, online and demo import it here
+from quintet.qtransformer.data import ActionDiscretiser, Episode, ReplayDataset, ReplaySpec, RewardScaler
 from quintet.qtransformer.model import QTransformer
 from quintet.qtransformer.presets import RLSettings
 
 EVAL_SEED = 10_000
 """evaluation episodes use seeds from here on, apart from the seeds that collected the data"""
-
-
-def make_env(env_id: str, count: int = 1) -> list:
-    import gymnasium as gym
-
-    return [gym.make(env_id) for _ in range(count)]
 
 
 def model_observations(model: QTransformer, observations: np.ndarray) -> torch.Tensor:
@@ -74,19 +69,15 @@ def lunar_heuristic_policy(env, noise: float, rng: np.random.Generator, discreti
     return policy
 
 
+def replay_spec(rl: RLSettings, discretiser: ActionDiscretiser) -> ReplaySpec:
+    """How a preset's episodes are written: its reward scaling and discount, the env's action bins."""
+    scaler = RewardScaler.for_discount(rl.reward_low, rl.reward_high, rl.gamma)
+    return ReplaySpec.for_discretiser(discretiser, scaler, rl.gamma, env_id=rl.env_id)
+
+
 def write_dataset(
     path: Path, episodes: list[Episode], rl: RLSettings, discretiser: ActionDiscretiser, *, frames: int = 1
 ) -> ReplayDataset:
-    """``episodes`` as a ReplayDataset with the preset's reward scaling, discount and n-step windows,
-    opened to stack ``frames`` observations per sample."""
-    return ReplayDataset.write(
-        path,
-        episodes,
-        reward_scaler=RewardScaler.for_discount(rl.reward_low, rl.reward_high, rl.gamma),
-        gamma=rl.gamma,
-        action_bins=discretiser.bins,
-        discretiser=discretiser,
-        env_id=rl.env_id,
-        frames=frames,
-        n_step=rl.n_step,
-    )
+    """``episodes`` as a ReplayDataset with the preset's spec, opened to stack ``frames`` observations
+    per sample with the preset's n-step windows."""
+    return ReplayDataset.write(path, episodes, replay_spec(rl, discretiser), frames=frames, n_step=rl.n_step)

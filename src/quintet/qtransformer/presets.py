@@ -1,12 +1,17 @@
-"""Named Q-Transformer configurations and the environments / datasets they train on."""
+"""The Q-Transformer's presets: model configs, optimisation settings and each preset's ``RLSettings``
+(its recipe: the environment, the data and how it is learned)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from quintet.core.validation import check_int, check_number
 from quintet.qtransformer.config import QTransformerConfig, StateEncoderConfig
+from quintet.registry import Preset, Stage
 from quintet.training.task import TrainSettings
+
+OfflinePolicy = Literal["random", "lunar-heuristic"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +44,10 @@ class RLSettings:
     """environments stepped in lockstep while collecting (one batched policy call per step)"""
     target_return: float | None = None
     """stop training once the greedy evaluation's mean return reaches this"""
+    offline_policy: OfflinePolicy = "random"
+    """offline presets without ``--data``: who plays the generated dataset (``initial_episodes``
+    uniform-random episodes, or ``dataset_episodes`` of gymnasium's LunarLander heuristic with
+    ``action_noise``)"""
 
     def __post_init__(self) -> None:
         for name in (
@@ -62,6 +71,8 @@ class RLSettings:
             raise ValueError(f"epsilon: expected a pair (first round, from epsilon_rounds on), got {self.epsilon!r}")
         for value in self.epsilon:
             check_number(value, "epsilon", low=0.0, high=1.0)
+        if self.offline_policy not in ("random", "lunar-heuristic"):
+            raise ValueError(f"offline_policy: expected 'random' or 'lunar-heuristic', got {self.offline_policy!r}")
 
 
 TINY = QTransformerConfig(
@@ -120,31 +131,29 @@ CARTPOLE_RL = RLSettings(
     target_return=475.0,
 )
 
-RL_SETTINGS = {
-    # two action dimensions and two stacked frames, end to end in seconds
-    "tiny": RLSettings(
-        env_id="LunarLanderContinuous-v3",
-        gamma=0.98,
-        reward_low=-10.0,
-        reward_high=10.0,
-        initial_episodes=4,
-        collect_envs=4,
-        eval_episodes=2,
-    ),
-    "cartpole": CARTPOLE_RL,
-    "demo": CARTPOLE_RL,
-    "lunarlander-offline": RLSettings(
-        env_id="LunarLanderContinuous-v3",
-        gamma=0.99,
-        reward_low=-10.0,
-        reward_high=10.0,
-        conservative_weight=1.0,
-        n_step=1,
-        eval_episodes=20,
-        dataset_episodes=300,
-        action_noise=0.6,
-    ),
-}
+TINY_RL = RLSettings(
+    env_id="LunarLanderContinuous-v3",
+    gamma=0.98,
+    reward_low=-10.0,
+    reward_high=10.0,
+    initial_episodes=4,
+    collect_envs=4,
+    eval_episodes=2,
+)
+"""two action dimensions and two stacked frames, end to end in seconds"""
+
+LUNARLANDER_RL = RLSettings(
+    env_id="LunarLanderContinuous-v3",
+    gamma=0.99,
+    reward_low=-10.0,
+    reward_high=10.0,
+    conservative_weight=1.0,
+    n_step=1,
+    eval_episodes=20,
+    dataset_episodes=300,
+    action_noise=0.6,
+    offline_policy="lunar-heuristic",
+)
 
 # a cap: the run stops at the target return (measured: step 12500 of 30000, 233 s on 2 cores); the
 # evaluation after each 500-step round is what the stop reads
@@ -152,19 +161,67 @@ CARTPOLE_TRAIN = TrainSettings(
     steps=30_000, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.0, eval_every=500, checkpoint_every=2500
 )
 
-TRAIN_SETTINGS = {
-    "tiny": TrainSettings(steps=20, batch_size=4, lr=1e-3, warmup_steps=2, eval_every=10, log_every=5),
-    "cartpole": CARTPOLE_TRAIN,
-    "demo": CARTPOLE_TRAIN,
-    "lunarlander-offline": TrainSettings(
-        steps=7000,
-        batch_size=128,
-        lr=5e-4,
-        warmup_steps=200,
-        weight_decay=0.0,
-        ema_decay=0.995,
-        eval_every=1000,
-        checkpoint_every=7000,
-        log_every=100,
-    ),
-}
+LUNARLANDER_TRAIN = TrainSettings(
+    steps=7000,
+    batch_size=128,
+    lr=5e-4,
+    warmup_steps=200,
+    weight_decay=0.0,
+    ema_decay=0.995,
+    eval_every=1000,
+    checkpoint_every=7000,
+    log_every=100,
+)
+
+
+def qtransformer_presets(system: str) -> dict[str, Preset]:
+    def preset(name, description, data, minutes, config, settings, rl) -> Preset:
+        stage = Stage(model_config=config, settings=settings)
+        return Preset(
+            system=system,
+            name=name,
+            description=description,
+            data=data,
+            expected_minutes=minutes,
+            stages=(stage,),
+            recipe=rl,
+        )
+
+    return {
+        "tiny": preset(
+            "tiny",
+            "smallest model (2 action dimensions, 2 stacked frames), for tests",
+            "4 uniform-random LunarLanderContinuous-v3 episodes",
+            0.01,
+            TINY,
+            TrainSettings(steps=20, batch_size=4, lr=1e-3, warmup_steps=2, eval_every=10, log_every=5),
+            TINY_RL,
+        ),
+        "cartpole": preset(
+            "cartpole",
+            "CartPole-v1: epsilon-greedy collection rounds + offline training until return >= 475",
+            "CartPole-v1 (gymnasium), collected online into the run folder (or a --data ReplayDataset)",
+            5.0,
+            CARTPOLE,
+            CARTPOLE_TRAIN,
+            CARTPOLE_RL,
+        ),
+        "demo": preset(
+            "demo",
+            "the demo's first part: the cartpole preset under the demo's time budget",
+            "CartPole-v1 (gymnasium), collected online",
+            10.0,
+            CARTPOLE,
+            CARTPOLE_TRAIN,
+            CARTPOLE_RL,
+        ),
+        "lunarlander-offline": preset(
+            "lunarlander-offline",
+            "LunarLanderContinuous, 2 dims x 32 bins, offline from 300 noisy heuristic episodes",
+            "LunarLanderContinuous-v3 episodes of the gymnasium heuristic with action noise",
+            10.0,
+            LUNARLANDER,
+            LUNARLANDER_TRAIN,
+            LUNARLANDER_RL,
+        ),
+    }

@@ -179,16 +179,18 @@ def read_run_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint_model(
-    model_class: Any, path: str | os.PathLike, *, ema: bool = True, map_location: str | torch.device = "cpu"
+    loader: Any, path: str | os.PathLike, *, ema: bool = True, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Path, str]:
-    """Load the weights of a checkpoint (run folder or checkpoint folder) with ``model_class.from_pretrained``.
+    """Load the weights of a checkpoint (run folder or checkpoint folder).
 
-    Returns ``(model, checkpoint_dir, which)`` where ``which`` is ``"ema"`` when the EMA weights were
-    used (``ema=True`` and the run kept an EMA), else ``"model"``.
+    ``loader`` is a model class (``from_pretrained``) or a system (``load_model``, which picks the class
+    by the checkpoint's config tag). Returns ``(model, checkpoint_dir, which)`` where ``which`` is
+    ``"ema"`` when the EMA weights were used (``ema=True`` and the run kept an EMA), else ``"model"``.
     """
     checkpoint_dir = resolve_checkpoint(path)
     which = EMA_DIR if ema and (checkpoint_dir / EMA_DIR / WEIGHTS_FILE).is_file() else MODEL_DIR
-    model = model_class.from_pretrained(checkpoint_dir / which, map_location=map_location)
+    load = getattr(loader, "load_model", None) or loader.from_pretrained
+    model = load(checkpoint_dir / which, map_location=map_location)
     return model, checkpoint_dir, which
 
 

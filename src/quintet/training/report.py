@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from quintet.core.config import atomic_write_text
+import torch
+
+from quintet.core.io import atomic_write_text
 from quintet.training.task import ReportSection
+
+if TYPE_CHECKING:
+    from quintet.registry import System
+    from quintet.training.pipeline import RunResult
+
+TRAINER_METRIC_MEANINGS = {"train_loss": "the training loss over the last logged steps"}
 
 
 def plot_series(
@@ -158,3 +167,65 @@ def write_report(path: str | os.PathLike, sections: Sequence[ReportSection], *, 
     )
     atomic_write_text(path, document)
     return path
+
+
+def describe_metrics(metrics: dict[str, float], meanings: dict[str, str]) -> str:
+    """One sentence per metric that ``meanings`` (or the Trainer's own) explains: what the number means."""
+    meanings = {**TRAINER_METRIC_MEANINGS, **meanings}
+    return " ".join(f"{name}: {meanings[name]}." for name in metrics if name in meanings)
+
+
+def sample_outputs(samples: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """Split a ``task.sample`` result into titled text samples and PNG figure paths."""
+    texts: dict[str, str] = {}
+    figures: list[str] = []
+    for key, value in samples.items():
+        if key == "images":
+            figures.extend(str(path) for path in value)
+        elif isinstance(value, str):
+            texts[key] = value
+        else:
+            texts[key] = json.dumps(value, indent=2, default=str)
+    return texts, figures
+
+
+def default_section(system: System, runs: list[RunResult]) -> ReportSection:
+    """A system's demo section from its trained runs: each run's final metrics (named by the run when
+    there are several), every stage's loss curve, and the last stage's samples."""
+    metrics: dict[str, float] = {}
+    figures: list[str] = []
+    texts: dict[str, str] = {}
+    parts, seconds = [], 0.0
+    for run in runs:
+        prefix = f"{run.label}_" if len(runs) > 1 else ""
+        for stage in run.stages.values():
+            result = stage.result
+            if result is None:
+                continue
+            seconds += result.seconds
+            parts.append(
+                f"{run.preset.name}/{stage.stage.name}: {result.step} steps in {result.seconds:.0f} s"
+                + (f" ({result.stopped_early})" if result.stopped_early else "")
+            )
+            if result.loss_curve is not None:
+                figures.append(str(result.loss_curve))
+        last = run.last
+        if last.result is not None:
+            metrics.update({prefix + k: v for k, v in last.result.eval_metrics.items()})
+            if "loss" in last.result.train_metrics:
+                metrics[prefix + "train_loss"] = last.result.train_metrics["loss"]
+        if last.task.sample is not None:
+            with torch.no_grad():
+                sample_texts, sample_figures = sample_outputs(last.task.sample(last.model))
+            texts.update({f"{prefix}{k}": v for k, v in sample_texts.items()})
+            figures.extend(sample_figures)
+    presets = ", ".join(f"{run.preset.name!r} ({run.preset.description}) on {run.preset.data}" for run in runs)
+    unprefixed = {k.split("_", 1)[1] if len(runs) > 1 else k: v for k, v in metrics.items()}
+    summary = (
+        f"{system.description} Trained {presets}: {'; '.join(parts)}. "
+        f"{describe_metrics(unprefixed, system.metric_meanings)}"
+    ).strip()
+    title = f"{system.name}: {runs[0].preset.description}" if len(runs) == 1 else system.name
+    return ReportSection(
+        title=title, summary=summary, train_seconds=seconds, metrics=metrics, figures=figures, samples=texts
+    )

@@ -70,16 +70,22 @@ class Task:
     """One trainable system instance.
 
     - ``loss(module, batch) -> (loss, metrics)``: ``module`` is ``model`` as the Trainer wraps it
-      (DDP / FSDP / compiled); call it, not ``model``, so gradients synchronise.
+      (DDP / FSDP / compiled); call it, not ``model``, so gradients synchronise. Metric values are
+      detached 0-dim tensors (or plain numbers): the Trainer sums them on the device and reads them
+      only when it logs, so a step never waits on the device to read a metric.
     - ``train_batch(index) -> batch``: micro-batch number ``index`` (global and unique per process:
       ``(step * grad_accum + micro) * world_size + rank``), a deterministic function of the index and
       the run's seed, so a resumed run sees exactly the batches an uninterrupted one would.
     - ``evaluate(model) -> metrics`` under stable names (``val_loss``, ``val_bpb``, ``eval_return_mean``).
     - ``sample(model) -> dict`` for the report: ``{"text": str}``, ``{"images": [png paths]}``, ...
+    - ``play(model, options) -> dict``: interactive or scripted use of a trained model (``quintet play``),
+      e.g. acting inside a world model; returns what it wrote (``{"gif": path}``, ...).
     - ``extra_state``: modules besides ``model`` whose state is checkpointed too (e.g. a target net).
     - ``batch_tokens(batch) -> int``: tokens in a micro-batch, for the tokens/s readout (without it the
       progress line shows samples/s). Read tensor shapes only: a value read from a tensor's data
       would synchronise the device every step.
+    - ``batch_flops(batch) -> float``: forward + backward FLOPs of a micro-batch, from its shapes and
+      the model's config (the model FLOPs utilisation readout); shapes only, like ``batch_tokens``.
     - ``start(run) -> None``: called once the run folder, the process group and any checkpoint are
       set up, before the first batch; a task that keeps data beside its checkpoints (an online
       replay buffer) learns where here (:class:`RunInfo`).
@@ -88,17 +94,36 @@ class Task:
     """
 
     model: nn.Module
-    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor | float]]]
     train_batch: Callable[[int], Any]
     settings: TrainSettings = field(default_factory=TrainSettings)
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     sample: Callable[[nn.Module], dict[str, Any]] | None = None
+    play: Callable[[nn.Module, PlayOptions], dict[str, Any]] | None = None
     extra_state: dict[str, nn.Module] = field(default_factory=dict)
     after_step: Callable[[int], None] | None = None
     """called after each optimizer step (e.g. to update a target network)"""
     batch_tokens: Callable[[Any], int] | None = None
+    batch_flops: Callable[[Any], float] | None = None
     start: Callable[[RunInfo], None] | None = None
     stop_when: Callable[[dict[str, float]], str | None] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlayOptions:
+    """What ``quintet play`` passes to :attr:`Task.play`."""
+
+    headless: bool = False
+    """no window: run the given actions and write the rollout to ``out``"""
+    actions: tuple[int, ...] | None = None
+    """scripted actions (headless), one per imagined step"""
+    out: Path | None = None
+    """where a headless rollout is written (e.g. an animated GIF)"""
+    fps: float = 10.0
+    """frames per second shown (window) or written (GIF)"""
+    steps: int = 0
+    """steps to play (0: as many as ``actions``, or until the window closes)"""
+    seed: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
