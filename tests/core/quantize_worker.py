@@ -6,6 +6,7 @@ Also imported by ``test_quantize.py`` for the single-process reference on the co
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ def state(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
 
 def _rank(rank: int, out: Path) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=WORLD)
+    store = f"file://{out / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         models = build()
         dead = train(models, lambda step: inputs(step, rank))
@@ -62,4 +64,8 @@ def _rank(rank: int, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(_rank, args=(Path(sys.argv[1]),), nprocs=WORLD)
+    target = Path(sys.argv[1])
+    target.mkdir(parents=True, exist_ok=True)
+    # fork, not spawn: the ranks inherit the imported torch instead of importing it again (seconds each);
+    # nothing has started a thread pool yet
+    mp.start_processes(_rank, args=(target,), nprocs=WORLD, start_method="fork")
