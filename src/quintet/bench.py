@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.utils.benchmark as torch_benchmark
 
+from quintet.training.flops import count_flops, matmul_flops_per_s  # noqa: F401 (suites use them from here)
+
 
 def suite_dirs() -> list[Path]:
     """Folders holding ``bench_<suite>.py`` files: the package's suites, then $QUINTET_BENCHMARKS (extra suites)."""
@@ -62,41 +64,6 @@ def time_fn(fn: Callable[[], Any], *, min_run_time: float = 1.0) -> float:
     fn()
     timer = torch_benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def count_flops(fn: Callable[[], Any]) -> float:
-    """FLOPs that one call of ``fn`` runs through matmuls / convolutions / attention (FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
-_MATMUL_RATE: dict[tuple[str, str, int], float] = {}
-
-
-def matmul_flops_per_s(
-    *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, size: int = 1024
-) -> float:
-    """This machine's measured dense matmul rate in FLOP/s (measured once per process, device, dtype and size).
-
-    The yardstick of "within 1.5x of the time its FLOPs need": a step's FLOPs divided by this rate is
-    the time the hardware needs at best, at the current thread count.
-    """
-    device = torch.device(device)
-    key = (str(device), str(dtype), size)
-    if key not in _MATMUL_RATE:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
-
-        def matmul():
-            torch.mm(a, b)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-
-        _MATMUL_RATE[key] = 2 * size**3 / time_fn(matmul, min_run_time=0.5)
-    return _MATMUL_RATE[key]
 
 
 def _proc_status_bytes(key: str) -> int:

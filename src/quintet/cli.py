@@ -122,7 +122,8 @@ class TrainCommand:
                 f"wrote {stage.run_dir / 'summary.json'}"
             )
         if result.stopped:
-            print(f"the run stopped ({result.stopped}); continue it with --resume")
+            launcher = "torchrun ... -m quintet" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "quintet"
+            print(f"stopped ({result.stopped}): resume with `{launcher} train {system.name} --out {out} --resume`")
         return 0
 
 

@@ -78,7 +78,7 @@ def test_trainer_state_is_plain_data_with_everything_to_resume(tmp_path):
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     assert state["step"] == 4
     assert {"optimizer", "scheduler", "rng", "data_position", "run_config", "settings", "history"} <= state.keys()
-    assert state["optimizer"]["state"] and state["ema_n_averaged"].item() == 4
+    assert state["optimizer"]["state"] and state["ema_n_averaged"] == 4
     assert state["data_position"] == {"step": 4, "grad_accum": 1, "world_size": 1, "next_index": 4}
     assert state["run_config"] == {"system": "toy"}
     assert {"model", "ema"} <= {p.name for p in checkpoint.iterdir()}

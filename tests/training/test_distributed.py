@@ -53,9 +53,12 @@ def test_two_processes_train_in_lockstep_and_only_rank_0_writes(tmp_path, parall
     assert summary["world_size"] == 2 and summary["step"] == 4
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["kind"] == "train"] == [1, 2, 3, 4]
-    # the checkpoint holds the weights both ranks ended with
-    from safetensors.torch import load_file
+    # the checkpoint (whole with DDP, sharded with FSDP) holds the weights both ranks ended with
+    from toy_task import ToyLM
 
-    saved = load_file(out / "checkpoints" / "step_00000004" / "model" / "model.safetensors")
-    for key, value in saved.items():
+    from quintet.training.checkpoint import is_sharded_checkpoint, load_checkpoint_model
+
+    model, checkpoint, _ = load_checkpoint_model(ToyLM, out)
+    assert checkpoint.name == "step_00000004" and is_sharded_checkpoint(checkpoint) == (parallel == "fsdp")
+    for key, value in model.state_dict().items():
         assert torch.equal(value, rank0[key]), key

@@ -5,7 +5,7 @@ whose checkpoints are of different model classes, and "toy-staged", two stages o
 where the second distils the first), so CLI subprocess tests and ``torchrun`` can train something
 real in seconds. With $QUINTET_TEST_SPY set to a folder, each rank also records which writers it
 called and dumps its final weights there (for the multi-process test); with $QUINTET_TEST_KILL_AT
-set to ``STAGE:STEP`` the process kills itself (SIGKILL) after that step of that stage.
+set to ``STAGE:STEP[:SIGNAL]`` the process sends itself SIGKILL (or SIGNAL) after that step of that stage.
 """
 
 from __future__ import annotations
@@ -235,11 +235,15 @@ def install_spies(folder: Path) -> None:
         with open(folder / f"rank{rank}-writes.txt", "a", encoding="utf-8") as handle:
             handle.write(what + "\n")
 
-    original_write = state.write_checkpoint
+    original_write, original_commit = state.write_checkpoint, state.commit_checkpoint
 
     def write_checkpoint(*args, **kwargs):
         note("checkpoint")
         return original_write(*args, **kwargs)
+
+    def commit_checkpoint(*args, **kwargs):  # a sharded checkpoint: every rank writes, rank 0 commits
+        note("checkpoint")
+        return original_commit(*args, **kwargs)
 
     original_record = progress.RunLogger.record
 
@@ -265,13 +269,14 @@ def install_spies(folder: Path) -> None:
         original_teardown(context)
 
     state.write_checkpoint = write_checkpoint
+    state.commit_checkpoint = commit_checkpoint
     progress.RunLogger.record = record
     trainer.Trainer.fit = fit
     pipeline.teardown_distributed = teardown_distributed
 
 
-def install_kill(stage: str, step: int) -> None:
-    """SIGKILL this process after optimizer step ``step`` of stage ``stage`` (a crash mid-run)."""
+def install_kill(stage: str, step: int, signum: int = signal.SIGKILL) -> None:
+    """Send this process ``signum`` after optimizer step ``step`` of stage ``stage`` (a crash or a preemption)."""
     import quintet.training.pipeline as pipeline
 
     original = pipeline._make_task
@@ -279,7 +284,7 @@ def install_kill(stage: str, step: int) -> None:
     def make_task(system, preset, stage_, *args, **kwargs):
         task = original(system, preset, stage_, *args, **kwargs)
         if stage_.name == stage:
-            task.after_step = lambda done: os.kill(os.getpid(), signal.SIGKILL) if done == step else None
+            task.after_step = lambda done: os.kill(os.getpid(), signum) if done == step else None
         return task
 
     pipeline._make_task = make_task
@@ -291,9 +296,9 @@ if __name__ == "__main__":
     register(StagedToySystem())
     if os.environ.get("QUINTET_TEST_SPY"):
         install_spies(Path(os.environ["QUINTET_TEST_SPY"]))
-    if os.environ.get("QUINTET_TEST_KILL_AT"):
-        kill_stage, kill_step = os.environ["QUINTET_TEST_KILL_AT"].split(":")
-        install_kill(kill_stage, int(kill_step))
+    if os.environ.get("QUINTET_TEST_KILL_AT"):  # STAGE:STEP[:SIGNAL]
+        kill_stage, kill_step, *name = os.environ["QUINTET_TEST_KILL_AT"].split(":")
+        install_kill(kill_stage, int(kill_step), getattr(signal, name[0]) if name else signal.SIGKILL)
     from quintet.cli import main
 
     sys.exit(main())

@@ -9,10 +9,17 @@ Layout of a run folder::
         trainer_state.pt                         optimizer, scheduler, RNG, step, data position, config
         run_config.json                          the run's config (system, preset, settings) as JSON
 
-A checkpoint is written into a hidden temporary folder and renamed into place; only then does
-``latest`` move to it (``os.replace`` of a one-line file). A crash at any moment leaves ``latest``
-naming a complete checkpoint. ``trainer_state.pt`` holds plain dicts, lists, numbers and tensors,
-so it loads with ``torch.load(weights_only=True)``.
+A run sharded with FSDP writes a *sharded* checkpoint instead: every rank writes its own shard of the
+weights, the EMA and the optimizer state with ``torch.distributed.checkpoint`` into ``sharded/`` (no
+rank ever holds the whole model), ``model/`` keeps only ``config.json``, and ``trainer_state.pt``
+the rest. Such a checkpoint loads on any number of processes, and whole on one (``sample``, ``eval``,
+``export``: :func:`load_checkpoint_model`).
+
+A checkpoint is written into a hidden staging folder and renamed into place; only then does
+``latest`` move to it (``os.replace`` of a one-line file), and only then are checkpoints beyond the
+newest ``keep`` deleted. A crash at any moment leaves ``latest`` naming a complete checkpoint.
+``trainer_state.pt`` holds plain dicts, lists, numbers and tensors, so it loads with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,7 @@ from quintet.core.config import (
     WEIGHTS_FILE,
     CheckpointError,
     atomic_write_text,
+    config_class_tag,
     load_config,
     load_weights,
 )
@@ -43,6 +52,7 @@ STATE_FILE = "trainer_state.pt"
 RUN_CONFIG_FILE = "run_config.json"
 MODEL_DIR = "model"
 EMA_DIR = "ema"
+SHARDED_DIR = "sharded"
 FORMAT_VERSION = 1
 
 _NAME = re.compile(r"^step_(\d{8,})$")
@@ -84,6 +94,40 @@ def latest_checkpoint(checkpoints_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def staging_dir(checkpoints_dir: str | os.PathLike, step: int) -> Path:
+    """Where checkpoint ``step`` is written before it is renamed into place (the same on every rank)."""
+    return Path(checkpoints_dir) / f"{_TMP_PREFIX}{checkpoint_name(step)}"
+
+
+def begin_checkpoint(checkpoints_dir: str | os.PathLike, step: int) -> Path:
+    """Create the empty staging folder of checkpoint ``step`` (clearing what a crashed write left)."""
+    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in checkpoints_dir.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    name = checkpoint_name(step)
+    current = latest_checkpoint(checkpoints_dir)
+    if current is not None and current.name == name:
+        raise ValueError(f"step: checkpoint {name} is already the latest; it is not rewritten in place")
+    staging = staging_dir(checkpoints_dir, step)
+    staging.mkdir()
+    return staging
+
+
+def commit_checkpoint(checkpoints_dir: str | os.PathLike, step: int, *, keep: int = 2) -> Path:
+    """Rename the complete staging folder into place, point ``latest`` at it, then prune old ones."""
+    checkpoints_dir = Path(checkpoints_dir)
+    name = checkpoint_name(step)
+    target = checkpoints_dir / name
+    if target.exists():
+        # a complete checkpoint that never became the latest (the run crashed right after writing it)
+        shutil.rmtree(target)
+    os.rename(staging_dir(checkpoints_dir, step), target)
+    atomic_write_text(checkpoints_dir / LATEST_FILE, name + "\n")
+    _prune(checkpoints_dir, keep=keep, latest=name)
+    return target
+
+
 def write_checkpoint(
     checkpoints_dir: str | os.PathLike,
     step: int,
@@ -97,33 +141,21 @@ def write_checkpoint(
 
     ``models`` maps a sub-folder (``model``, ``ema``) to a module with ``save_pretrained``.
     """
-    checkpoints_dir = Path(checkpoints_dir)
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in checkpoints_dir.glob(f"{_TMP_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    name = checkpoint_name(step)
-    target = checkpoints_dir / name
-    current = latest_checkpoint(checkpoints_dir)
-    if current is not None and current.name == name:
-        raise ValueError(f"step: checkpoint {name} is already the latest; it is not rewritten in place")
-
-    tmp = checkpoints_dir / f"{_TMP_PREFIX}{name}-{os.getpid()}"
-    tmp.mkdir()
+    staging = begin_checkpoint(checkpoints_dir, step)
     try:
         for folder, module in models.items():
-            module.save_pretrained(tmp / folder)
-        torch.save(state, tmp / STATE_FILE)
-        atomic_write_text(tmp / RUN_CONFIG_FILE, json.dumps(run_config, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            # a complete checkpoint that never became the latest (the run crashed right after writing it)
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+            module.save_pretrained(staging / folder)
+        write_checkpoint_files(staging, state=state, run_config=run_config)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    atomic_write_text(checkpoints_dir / LATEST_FILE, name + "\n")
-    _prune(checkpoints_dir, keep=keep, latest=name)
-    return target
+    return commit_checkpoint(checkpoints_dir, step, keep=keep)
+
+
+def write_checkpoint_files(folder: Path, *, state: dict[str, Any], run_config: dict[str, Any]) -> None:
+    """The trainer state and the run config, into a staging folder."""
+    torch.save(state, folder / STATE_FILE)
+    atomic_write_text(folder / RUN_CONFIG_FILE, json.dumps(run_config, indent=2, sort_keys=True) + "\n")
 
 
 def _prune(checkpoints_dir: Path, *, keep: int, latest: str) -> None:
@@ -181,17 +213,60 @@ def read_run_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 def load_checkpoint_model(
     loader: Any, path: str | os.PathLike, *, ema: bool = True, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Path, str]:
-    """Load the weights of a checkpoint (run folder or checkpoint folder).
+    """Load the weights of a checkpoint (run folder or checkpoint folder), full or sharded, whole.
 
     ``loader`` is a model class (``from_pretrained``) or a system (``load_model``, which picks the class
     by the checkpoint's config tag). Returns ``(model, checkpoint_dir, which)`` where ``which`` is
     ``"ema"`` when the EMA weights were used (``ema=True`` and the run kept an EMA), else ``"model"``.
     """
     checkpoint_dir = resolve_checkpoint(path)
-    which = EMA_DIR if ema and (checkpoint_dir / EMA_DIR / WEIGHTS_FILE).is_file() else MODEL_DIR
     load = getattr(loader, "load_model", None) or loader.from_pretrained
+    if is_sharded_checkpoint(checkpoint_dir):
+        keys = sharded_keys(checkpoint_dir)
+        which = EMA_DIR if ema and EMA_DIR in keys else MODEL_DIR
+        model_class = (
+            loader.model_class(config_class_tag(checkpoint_dir / MODEL_DIR))
+            if hasattr(loader, "model_class")
+            else loader
+        )
+        config = load_config(model_class.config_class, checkpoint_dir / MODEL_DIR / CONFIG_FILE)
+        model = model_class(config)
+        load_sharded_module(model, checkpoint_dir, which)
+        return model.to(map_location).eval(), checkpoint_dir, which
+    which = EMA_DIR if ema and (checkpoint_dir / EMA_DIR / WEIGHTS_FILE).is_file() else MODEL_DIR
     model = load(checkpoint_dir / which, map_location=map_location)
     return model, checkpoint_dir, which
+
+
+def is_sharded_checkpoint(checkpoint_dir: str | os.PathLike) -> bool:
+    return (Path(checkpoint_dir) / SHARDED_DIR).is_dir()
+
+
+def sharded_keys(checkpoint_dir: Path) -> set[str]:
+    """The top-level entries (``model``, ``ema``, ``optimizer``) a sharded checkpoint holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(checkpoint_dir / SHARDED_DIR)).read_metadata()
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        where = checkpoint_dir / SHARDED_DIR
+        raise CheckpointError(f"{where}: unreadable sharded checkpoint ({_first_line(error)})") from error
+    return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+
+
+def load_sharded_module(module: nn.Module, checkpoint_dir: Path, which: str) -> None:
+    """Load entry ``which`` (``model`` / ``ema``) of a sharded checkpoint into a whole ``module``, in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {which: module.state_dict()}
+    try:
+        with warnings.catch_warnings():  # "loading in a single process" is what this function is for
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(checkpoint_dir / SHARDED_DIR), no_dist=True)
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        where = checkpoint_dir / SHARDED_DIR
+        raise CheckpointError(f"{where}: does not load into the model ({_first_line(error)})") from error
+    module.load_state_dict(state[which])
 
 
 def load_module_weights(module: nn.Module, folder: Path, *, map_location: str | torch.device) -> None:

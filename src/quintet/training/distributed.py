@@ -21,7 +21,10 @@ class DistributedContext:
     local_rank: int
     device: torch.device
     initialized_here: bool
-    """this process group was created by the Trainer (and is destroyed when training ends)"""
+    """this process group was created here (and is destroyed when training ends)"""
+    control_group: Any = None
+    """a CPU (gloo) group for the small decisions every rank must share each step (stop, checkpoint),
+    so agreeing on them never waits on the accelerator"""
 
     @property
     def is_main(self) -> bool:
@@ -66,16 +69,42 @@ def setup_distributed(device: str | torch.device) -> DistributedContext:
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=resolved if resolved.type == "cuda" else None)
         initialized_here = True
+    control_group = None
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
+        if world_size > 1:
+            control_group = _control_group()
     else:
         rank, world_size = 0, 1
-    return DistributedContext(rank, world_size, local_rank, resolved, initialized_here)
+    return DistributedContext(rank, world_size, local_rank, resolved, initialized_here, control_group)
+
+
+_CONTROL_GROUPS: dict[int, Any] = {}
+
+
+def _control_group() -> Any:
+    """The default group when it is gloo already, else one gloo group per process group (made once)."""
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    key = id(dist.group.WORLD)
+    if key not in _CONTROL_GROUPS:
+        _CONTROL_GROUPS[key] = dist.new_group(backend="gloo")
+    return _CONTROL_GROUPS[key]
 
 
 def teardown_distributed(context: DistributedContext) -> None:
     if context.initialized_here and dist.is_initialized():
+        _CONTROL_GROUPS.clear()
         dist.destroy_process_group()
+
+
+def agree_any(flags: list[bool], context: DistributedContext) -> list[bool]:
+    """Each flag set on any rank, on every rank (one small CPU collective; no-op with one process)."""
+    if not context.is_distributed:
+        return list(flags)
+    tensor = torch.tensor([float(flag) for flag in flags])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=context.control_group)
+    return [bool(value) for value in tensor.tolist()]
 
 
 def all_reduce_mean(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:

@@ -39,6 +39,11 @@ class TrainSettings:
     """evaluate every this many steps (0: only at the end)"""
     checkpoint_every: int = 500
     """checkpoint every this many steps (0: only at the end)"""
+    checkpoint_every_s: float | None = 900.0
+    """also checkpoint once this many seconds have passed since the last checkpoint (None: off), so a
+    hard kill loses a bounded amount of work"""
+    keep_last: int = 2
+    """complete checkpoints to keep; older ones are deleted only once a newer one is complete"""
     log_every: int = 10
     """log train metrics every this many steps"""
     time_budget_s: float | None = None
@@ -47,7 +52,7 @@ class TrainSettings:
     """seeds the Trainer's random state (dropout, ...) and the task's data order"""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             check_int(getattr(self, name), name, minimum=1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "seed"):
             check_int(getattr(self, name), name, minimum=0)
@@ -63,6 +68,8 @@ class TrainSettings:
             check_number(self.ema_decay, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
         if self.time_budget_s is not None:
             check_number(self.time_budget_s, "time_budget_s", low=0.0, low_open=True)
+        if self.checkpoint_every_s is not None:
+            check_number(self.checkpoint_every_s, "checkpoint_every_s", low=0.0, low_open=True)
 
 
 @dataclass(kw_only=True)

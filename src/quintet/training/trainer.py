@@ -30,13 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from quintet.core.io import ensure_writable_dir
 from quintet.training.checkpoint import CHECKPOINTS_DIR, check_plain, latest_checkpoint, load_trainer_state
-from quintet.training.distributed import barrier, broadcast_object, setup_distributed, teardown_distributed
+from quintet.training.distributed import (
+    agree_any,
+    barrier,
+    broadcast_object,
+    setup_distributed,
+    teardown_distributed,
+)
+from quintet.training.ema import WeightEMA
+from quintet.training.flops import peak_flops_per_s
 from quintet.training.meter import IntervalMeter, NonFiniteLossError
 from quintet.training.optim import build_optimizer, build_scheduler
 from quintet.training.parallel import PARALLEL_MODES, full_tensor, gradient_sync, is_sharded, wrap
@@ -47,6 +53,8 @@ from quintet.training.task import RunInfo, Task
 
 PRECISIONS = ("auto", "bf16", "fp32")
 LOSS_CURVE_FILE = "loss_curve.png"
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+"""Ctrl-C, and what cluster schedulers send before preempting a job: finish the step, checkpoint, return"""
 
 
 @dataclass
@@ -111,7 +119,6 @@ class Trainer:
         parallel: str = "ddp",
         precision: str = "auto",
         compile: bool = False,
-        keep_checkpoints: int = 2,
         find_unused_parameters: bool = False,
         live_progress: bool | None = None,
     ):
@@ -127,10 +134,6 @@ class Trainer:
             raise ValueError(f"parallel: expected one of {PARALLEL_MODES}, got {parallel!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-        if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints: expected an integer >= 1, got {keep_checkpoints!r}")
-        if parallel == "fsdp" and task.settings.ema_decay is not None:
-            raise ValueError("ema_decay: an EMA of the weights is not supported with parallel='fsdp'")
         run_config = {} if run_config is None else run_config
         check_plain(run_config, "run_config")
         self.task = task
@@ -142,23 +145,23 @@ class Trainer:
         self.parallel = parallel
         self.precision = precision
         self.compile = bool(compile)
-        self.keep_checkpoints = keep_checkpoints
         self.find_unused_parameters = bool(find_unused_parameters)
         self.live_progress = live_progress
 
         self.model: nn.Module = task.model
-        self.ema: AveragedModel | None = None
+        self.ema: WeightEMA | None = None
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._latest_checkpoint: Path | None = None
         self._last_saved_step: int | None = None
-        self._stop_requested = threading.Event()
+        self._stop_signal: str | None = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
 
     @property
     def eval_model(self) -> nn.Module:
-        """The weights to evaluate and sample from: the EMA when the run keeps one, else the model."""
-        return self.ema.module if self.ema is not None else self.model
+        """The weights to evaluate and sample from: the EMA when the run keeps one (whole, not sharded),
+        else the model."""
+        return self.ema.module if self.ema is not None and self.ema.module is not None else self.model
 
     # ------------------------------------------------------------------ fit
 
@@ -166,7 +169,7 @@ class Trainer:
         self.context = setup_distributed(self.device_request)
         self.device = self.context.device
         self.logger: RunLogger | None = None
-        previous_handler = self._install_interrupt_handler()
+        previous_handlers = self._install_stop_handlers()
         try:
             self._setup()
             if self.task.start is not None:
@@ -196,7 +199,11 @@ class Trainer:
             last_train = train_events[-1] if train_events else {}
             train_metrics = {k: v for k, v in last_train.items() if k not in ("kind", "step", "time_s")}
             if stopped_early:
-                self.logger.message(f"stopped at step {self.step} ({stopped_early}); continue it with resume")
+                how = f"by {self._stop_signal}" if stopped_early == "interrupted" and self._stop_signal else ""
+                self.logger.message(
+                    f"stopped at step {self.step} ({stopped_early}{' ' + how if how else ''}); checkpoint "
+                    f"{self._latest_checkpoint.name} holds it (resume: --resume, or Trainer(..., resume=True))"
+                )
             return TrainResult(
                 step=self.step,
                 seconds=seconds,
@@ -211,21 +218,25 @@ class Trainer:
         finally:
             if self.logger is not None:
                 self.logger.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             teardown_distributed(self.context)
 
-    def _install_interrupt_handler(self):
-        """First Ctrl-C: finish the current step, checkpoint and return; a second one aborts."""
+    def _install_stop_handlers(self) -> dict[int, Any]:
+        """First Ctrl-C, SIGTERM or SIGUSR1: finish the current step, checkpoint and return; a second
+        signal acts as it would without the Trainer (Ctrl-C raises KeyboardInterrupt)."""
         if threading.current_thread() is not threading.main_thread():
-            return None
-        previous = signal.getsignal(signal.SIGINT)
+            return {}
+        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
 
         def request_stop(signum, frame):
-            self._stop_requested.set()
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._stop_signal = signal.Signals(signum).name
+            for other, handler in previous.items():
+                default = signal.default_int_handler if other == signal.SIGINT else signal.SIG_DFL
+                signal.signal(other, handler if callable(handler) else default)
 
-        signal.signal(signal.SIGINT, request_stop)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, request_stop)
         return previous
 
     # ------------------------------------------------------------------ set-up
@@ -237,14 +248,9 @@ class Trainer:
         self.model.to(self.device)
         for module in self.task.extra_state.values():
             module.to(self.device)
-        if settings.ema_decay is not None:
-            self.ema = AveragedModel(
-                self.model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True
-            )
         self.state = RunState(
             model=self.model,
             parallel_model=self.model,
-            ema=self.ema,
             extra_state=self.task.extra_state,
             context=context,
             parallel=self.parallel,
@@ -252,28 +258,31 @@ class Trainer:
             run_config=self.run_config,
         )
         if checkpoint is not None:
-            self.state.restore_weights(checkpoint, saved)  # the model, the extra modules and the EMA copy
+            self.state.restore_weights(checkpoint, saved)  # the extra modules; whole weights before wrapping
 
         self._autocast_dtype = self._resolve_precision()
         self.parallel_model = wrap(
             self.model, context, self.parallel, find_unused_parameters=self.find_unused_parameters
         )
         self.train_model = torch.compile(self.parallel_model) if self.compile else self.parallel_model
+        if settings.ema_decay is not None:
+            # after wrapping: under FSDP the EMA keeps a copy of each rank's shards only
+            self.ema = WeightEMA(self.model, settings.ema_decay, sharded=is_sharded(context, self.parallel))
         fused = self.device.type == "cuda" and self.parallel != "fsdp"
         self.optimizer = build_optimizer(self.parallel_model, settings, fused=fused)
         self.scheduler = build_scheduler(self.optimizer, settings)
-        self.state.parallel_model, self.state.optimizer, self.state.scheduler = (
-            self.parallel_model,
-            self.optimizer,
-            self.scheduler,
-        )
+        self.state.parallel_model, self.state.ema = self.parallel_model, self.ema
+        self.state.optimizer, self.state.scheduler = self.optimizer, self.scheduler
+        self._peak_flops = None
+        if self.task.batch_flops is not None:
+            self._peak_flops = peak_flops_per_s(self.device, self._autocast_dtype)
 
         self._elapsed_offset = 0.0
         note = None
         if checkpoint is None:
             seed_everything(settings.seed + context.rank)
         else:
-            progress = self.state.restore_progress(saved)
+            progress = self.state.restore_progress(checkpoint, saved)
             self.step = self._last_saved_step = progress.step
             self._latest_checkpoint = checkpoint
             self._elapsed_offset = progress.elapsed_s
@@ -292,6 +301,10 @@ class Trainer:
             self.logger.message(f"resumed from {checkpoint} at step {self.step}")
         if note:
             self.logger.message(note)
+        if self._peak_flops is not None:
+            self.logger.message(
+                f"MFU is measured against {self._peak_flops[0] / 1e12:.3g} TFLOP/s ({self._peak_flops[1]})"
+            )
 
     def _prepare_run_dir(self) -> tuple[Path | None, dict[str, Any] | None]:
         """Rank 0 readies the run folder; every rank reads the checkpoint to resume from (if any)."""
@@ -332,26 +345,25 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
 
-    def _should_stop(self) -> str | None:
-        """Why training stops before this step ("time budget", "interrupted"), or None.
+    def _poll(self) -> tuple[str | None, bool]:
+        """Before each step: why training stops now ("time budget", "interrupted"), or None; and whether
+        a checkpoint is due by the clock (``checkpoint_every_s``).
 
-        Under several processes the ranks agree on it with one collective at log steps only, so the
-        budget and Ctrl-C are honoured up to ``log_every`` steps late there.
+        Under several processes the ranks agree on both with one small CPU collective per step, so they
+        all stop (and checkpoint) at the same step and none is left waiting in a collective.
         """
-        if self.context.is_distributed and self.step % self.settings.log_every:
-            return None
-        budget = self.settings.time_budget_s
-        reasons = ("time budget", "interrupted")
-        local = [budget is not None and self._elapsed() >= budget, self._stop_requested.is_set()]
-        if self.context.is_distributed:
-            # any rank that is out of time or interrupted stops them all, at the same step
-            flags = torch.tensor([float(x) for x in local], device=self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            local = [bool(x) for x in flags.tolist()]
-        for reason, flag in zip(reasons, local):
-            if flag:
-                return reason
-        return None
+        settings = self.settings
+        every_s = settings.checkpoint_every_s
+        flags = agree_any(
+            [
+                settings.time_budget_s is not None and self._elapsed() >= settings.time_budget_s,
+                self._stop_signal is not None,
+                every_s is not None and time.perf_counter() - self._last_saved_time >= every_s,
+            ],
+            self.context,
+        )
+        reason = "time budget" if flags[0] else "interrupted" if flags[1] else None
+        return reason, flags[2]
 
     def _train_step(self) -> None:
         """One optimizer step: ``grad_accum`` micro-batches, clipping, the update, the EMA."""
@@ -383,20 +395,22 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update(self.model)
         self.step += 1
         self.meter.add_step(step_loss / grad_accum, norm)
 
     def _train_loop(self) -> str | None:
         settings, task = self.settings, self.task
-        self._loop_start = time.perf_counter()
+        self._loop_start = self._last_saved_time = time.perf_counter()
         self.meter = IntervalMeter(self.context, samples_per_micro=settings.batch_size)
         self.train_model.train()
         stopped_early = None
         while self.step < settings.steps:
-            stopped_early = self._should_stop()
+            stopped_early, checkpoint_due = self._poll()
             if stopped_early:
                 break
+            if checkpoint_due and self._last_saved_step != self.step:
+                self._paused(self._save_checkpoint)
             self._train_step()
             if task.after_step is not None:
                 task.after_step(self.step)
@@ -444,6 +458,8 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
         }
         event.update(numbers)
+        if self._peak_flops is not None and "flops_per_s" in event:
+            event["mfu"] = event["flops_per_s"] / (self._peak_flops[0] * self.context.world_size)
         if "tokens_per_s" in event:
             rate = format_rate(event["tokens_per_s"], "tok")
         else:
@@ -466,8 +482,10 @@ class Trainer:
             devices = [self.device] if self.device.type == "cuda" else []
             was_training = target.training
             target.eval()
+            # a sharded run's EMA is swapped into the sharded model while it is evaluated
+            weights = self.ema.applied(target) if sharded and self.ema is not None else contextlib.nullcontext()
             # evaluation draws from its own copy of the RNG, so how often it runs never changes training
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast():
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), self._autocast(), weights:
                 try:
                     raw = task.evaluate(target)
                 finally:
@@ -494,9 +512,10 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         self._flush()
         self._latest_checkpoint = self.state.save(
-            self.run_dir, step=self.step, elapsed_s=self._elapsed(), history=self.history, keep=self.keep_checkpoints
+            self.run_dir, step=self.step, elapsed_s=self._elapsed(), history=self.history
         )
         self._last_saved_step = self.step
+        self._last_saved_time = time.perf_counter()
 
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "move_to_device"]
