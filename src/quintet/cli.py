@@ -1,4 +1,4 @@
-"""The ``quintet`` command: train, sample, eval, play, list, bench, demo.
+"""The ``quintet`` command: train, sample, eval, play, export, list, bench, demo.
 
 Flags come from dataclasses (tyro), ``--help`` from their field docstrings. ``quintet train``'s
 optimisation flags are :class:`~quintet.training.task.TrainSettings` itself, with the chosen preset's
@@ -236,6 +236,35 @@ class EvalCommand(_CheckpointCommand):
 
 
 @dataclass(kw_only=True)
+class ExportCommand:
+    """Write a checkpoint's weights (whole or FSDP-sharded) as one save_pretrained folder."""
+
+    system: Annotated[tyro.conf.Positional[str], SYSTEM]
+    """the system the checkpoint belongs to"""
+    checkpoint: Path
+    """a run folder (its last stage's latest checkpoint), a stage's folder, or a checkpoint folder"""
+    out: Path
+    """the folder to write (config.json + model.safetensors; load it with the model's from_pretrained)"""
+    ema: bool = True
+    """export the EMA weights when the checkpoint has them"""
+
+    def run(self) -> int:
+        from quintet.registry import get_system
+        from quintet.training.checkpoint import load_checkpoint_model, read_run_config
+        from quintet.training.pipeline import resolve_run_checkpoint
+
+        system = get_system(self.system)
+        checkpoint = resolve_run_checkpoint(self.checkpoint)
+        owner = read_run_config(checkpoint).get("system")
+        if owner is not None and owner != system.name:
+            raise CheckpointError(f"{checkpoint}: is a checkpoint of system {owner!r}, not {system.name!r}")
+        model, checkpoint, which = load_checkpoint_model(system, checkpoint, ema=self.ema)
+        model.save_pretrained(self.out)
+        print(f"wrote the {which} weights of {checkpoint} ({type(model).__name__}) to {self.out}")
+        return 0
+
+
+@dataclass(kw_only=True)
 class PlayCommand(_CheckpointCommand):
     """Play a trained model (e.g. act inside a world model): a window, or --headless into a file."""
 
@@ -355,6 +384,7 @@ COMMANDS: dict[str, type] = {
     "sample": SampleCommand,
     "eval": EvalCommand,
     "play": PlayCommand,
+    "export": ExportCommand,
     "list": ListCommand,
     "bench": BenchCommand,
     "demo": DemoCommand,

@@ -243,3 +243,23 @@ def test_shortened_level_advances_once_every_k_tokens():
             lengths.append((cache.length, cache.valley.length, cache.valley.valley.length))
     # the valley of level 1 holds ceil(n / 2) tokens, that of level 2 ceil(ceil(n / 2) / 3)
     assert lengths == [(n, math.ceil(n / 2), math.ceil(math.ceil(n / 2) / 3)) for n in range(1, 14)]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(num_tokens=256, depth=(1, (1, 1, 1), 1), shorten_factor=(2, 3)),
+        dict(num_tokens=64, depth=(1, 2, 1), shorten_factor=3, resampling="linear"),
+        dict(num_tokens=64, depth=(1, 1, 1), shorten_factor=4, attn_resampling=False),
+    ],
+    ids=["nested", "linear", "no-attention-resampling"],
+)
+def test_training_flops_formula_matches_a_count_of_the_matmuls(config):
+    """MFU's numerator: the config's formula within 10 % of what FlopCounterMode counts (here: exactly)."""
+    from quintet.training.flops import count_flops
+
+    config = HourglassConfig(dim=32, heads=2, dim_head=16, **config)
+    ids = torch.randint(0, config.num_tokens, (2, 37))
+    for model in (HourglassLM(config), FlatLM(flat_baseline(config))):
+        counted = count_flops(lambda model=model: model(ids).sum().backward())
+        assert counted == pytest.approx(2 * model.training_flops(37), rel=0.1), type(model).__name__

@@ -86,3 +86,14 @@ def test_the_sharded_ema_equals_the_ema_of_the_same_run_under_ddp(fsdp_run, tmp_
             torch.testing.assert_close(sharded[key], replicated[key], rtol=1e-5, atol=1e-6)
     # and the EMA is not just the weights
     assert any(not torch.equal(final(ddp, ema=True)[k], final(ddp, ema=False)[k]) for k in final(ddp, ema=False))
+
+
+def test_export_writes_a_sharded_checkpoint_as_one_pretrained_folder(fsdp_run, toy_systems, tmp_path, capsys):
+    from quintet.cli import main
+
+    assert main(["export", "toy", "--checkpoint", str(fsdp_run), "--out", str(tmp_path / "export")]) == 0
+    assert "wrote the ema weights" in capsys.readouterr().out
+    exported = ToyLM.from_pretrained(tmp_path / "export").state_dict()
+    expected = final(fsdp_run, ema=True)
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
+    assert main(["eval", "toy", "--checkpoint", str(fsdp_run), "--device", "cpu"]) == 0  # sample / eval read it too

@@ -5,10 +5,19 @@ interleaved, on one CPU thread; the fastest of several repeats of each is compar
 machine's noise slows single repeats). The Trainer's step time is read from its own log (time
 between the first and the last logged step, so set-up, the first interval's warm-up and the final
 checkpoint are left out); the bare loop is timed over the same steps.
-Target: ``trainer_vs_bare_step_time`` <= 1.05 (at most 5 % overhead per step).
+Target: ``trainer_vs_bare_step_time`` <= 1.05 (at most 5 % overhead per step), with the Trainer's
+time-based checkpointing on (its clock is polled every step).
+
+The full run also times one checkpoint write and load of the hourglass demo model with 2 processes:
+DDP (rank 0 writes the whole model and optimizer) vs FSDP (every rank writes its shard with
+``torch.distributed.checkpoint``), via ``quintet.benchmarks.checkpoint_io`` under torchrun.
 """
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -110,11 +119,34 @@ def bare_step_seconds(settings: TrainSettings, config: BenchLMConfig) -> float:
     return (time.perf_counter() - start) / (settings.steps - settings.log_every)
 
 
+def checkpoint_io() -> dict:
+    """Write and load times of the hourglass demo model's checkpoint, DDP vs FSDP-sharded, 2 processes."""
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for mode in ("ddp", "fsdp"):
+            out = Path(folder) / f"{mode}.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+            command += ["-m", "quintet.benchmarks.checkpoint_io", mode, str(Path(folder) / mode), str(out)]
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"checkpoint_io {mode} failed: {done.stderr[-2000:]}")
+            results[mode] = json.loads(out.read_text())
+    return results
+
+
 def run(quick: bool = False) -> dict:
     config = BenchLMConfig()
     steps, repeats = (30, 2) if quick else (60, 6)
     settings = TrainSettings(
-        steps=steps, batch_size=8, warmup_steps=10, eval_every=0, checkpoint_every=0, log_every=10, lr=1e-3
+        steps=steps,
+        batch_size=8,
+        warmup_steps=10,
+        eval_every=0,
+        checkpoint_every=0,
+        checkpoint_every_s=900.0,
+        log_every=10,
+        lr=1e-3,
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -131,6 +163,12 @@ def run(quick: bool = False) -> dict:
         torch.set_num_threads(threads)
     # the fastest repeat is the one least disturbed by other work on the machine
     trainer_s, bare_s = min(trainer_times), min(bare_times)
+    ratios = {"trainer_vs_bare_step_time": trainer_s / bare_s}
+    io = None
+    if not quick:
+        io = checkpoint_io()
+        ratios["fsdp_vs_ddp_checkpoint_write_time"] = io["fsdp"]["write_s"] / io["ddp"]["write_s"]
+        ratios["fsdp_vs_ddp_checkpoint_load_time"] = io["fsdp"]["load_s"] / io["ddp"]["load_s"]
     return {
         "model": {"params": sum(p.numel() for p in make_model(config).parameters()), **config.__dict__},
         "settings": {"steps": steps, "batch_size": settings.batch_size, "repeats": repeats, "threads": 1},
@@ -139,5 +177,6 @@ def run(quick: bool = False) -> dict:
         "trainer_step_ms": [1000 * t for t in trainer_times],
         "bare_step_ms": [1000 * t for t in bare_times],
         "median_ratio": statistics.median(trainer_times) / statistics.median(bare_times),
-        "ratios": {"trainer_vs_bare_step_time": trainer_s / bare_s},
+        "checkpoint_io_2_processes": io,
+        "ratios": ratios,
     }

@@ -36,6 +36,7 @@ from quintet.core import (
     RMSNorm,
     Transformer,
 )
+from quintet.core import flops as flops_of
 from quintet.core.generation import check_token_ids, generate
 from quintet.core.validation import check_ids, check_int, check_tensor
 from quintet.hourglass.config import RESAMPLING, FlatConfig, HourglassConfig, resolve_shorten_factors
@@ -160,6 +161,7 @@ class HourglassTransformer(nn.Module):
 
         pre_depth, valley_depth, post_depth = depth
         self.dim, self.causal, self.k = dim, causal, factors[0]
+        self.heads, self.dim_head, self.ff_mult = heads, dim_head, ff_mult
         layer_kwargs = dict(heads=heads, dim_head=dim_head, ff_mult=ff_mult, dropout=dropout)
         stack_kwargs = dict(causal=causal, rotary=rotary, final_norm=False, **layer_kwargs)
         self.pre = Transformer(dim, pre_depth, **stack_kwargs)
@@ -181,6 +183,29 @@ class HourglassTransformer(nn.Module):
         self.upsample = Upsample(dim, self.k, resampling)
         self.up_attn = ResamplingBlock(dim, **layer_kwargs) if attn_resampling else None
         self.post = Transformer(dim, post_depth, **stack_kwargs)
+
+    def flops(self, tokens: int) -> flops_of.Flops:
+        """Forward FLOPs of one sequence of ``tokens`` through this level and the levels inside it."""
+        layer = dict(dim=self.dim, heads=self.heads, dim_head=self.dim_head, ff_mult=self.ff_mult)
+        groups = -(-tokens // self.k)  # the shift's filler makes ceil(n / k) groups, as padding does
+        total = (len(self.pre.blocks) + len(self.post.blocks)) * flops_of.transformer_block(tokens, **layer)
+        if self.downsample.proj is not None:  # linear resampling, down and up
+            total = total + 2 * flops_of.linear(groups, self.dim * self.k, self.dim)
+        if self.down_attn is not None:  # each shortened token attends to the k tokens of its group
+            down = flops_of.attention_layer(
+                groups, groups * self.k, dim=self.dim, heads=self.heads, dim_head=self.dim_head, dim_context=self.dim
+            )
+            down = flops_of.Flops(down.matmul, down.attention / groups)
+            up = flops_of.attention_layer(
+                tokens, groups, dim=self.dim, heads=self.heads, dim_head=self.dim_head, dim_context=self.dim
+            )
+            feedforward = flops_of.feedforward(groups, self.dim, self.ff_mult) + flops_of.feedforward(
+                tokens, self.dim, self.ff_mult
+            )
+            total = total + down + up + feedforward
+        if isinstance(self.valley, HourglassTransformer):
+            return total + self.valley.flops(groups)
+        return total + len(self.valley.blocks) * flops_of.transformer_block(groups, **layer)
 
     def new_cache(self) -> HourglassCache:
         if not self.causal:
@@ -338,6 +363,12 @@ class _ByteLM(PretrainedModel):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_logits(self.norm(x))
 
+    def training_flops(self, tokens: int) -> float:
+        """Forward + backward FLOPs of one sequence of ``tokens`` (what MFU counts)."""
+        check_int(tokens, "tokens", minimum=1)
+        head = flops_of.linear(tokens, self.config.dim, self.config.num_tokens)
+        return (self._body_flops(tokens) + head).training
+
     def generate(
         self,
         prompt: torch.Tensor,
@@ -396,6 +427,9 @@ class HourglassLM(_ByteLM):
     def new_cache(self) -> HourglassCache:
         return self.hourglass.new_cache()
 
+    def _body_flops(self, tokens: int) -> flops_of.Flops:
+        return self.hourglass.flops(tokens)
+
     def forward(
         self, ids: torch.Tensor, *, mask: torch.Tensor | None = None, cache: HourglassCache | None = None
     ) -> torch.Tensor:
@@ -426,6 +460,11 @@ class FlatLM(_ByteLM):
 
     def new_cache(self) -> KVCache:
         return KVCache()
+
+    def _body_flops(self, tokens: int) -> flops_of.Flops:
+        c = self.config
+        layer = dict(dim=c.dim, heads=c.heads, dim_head=c.dim_head, ff_mult=c.ff_mult)
+        return c.depth * flops_of.transformer_block(tokens, **layer)
 
     def forward(self, ids: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
         if cache is not None and not isinstance(cache, KVCache):

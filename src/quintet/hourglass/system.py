@@ -138,14 +138,16 @@ class HourglassSystem(System):
         batches = functools.cache(
             lambda: train_batches(corpus(), batch_size=settings.batch_size, seq_len=seq_len, seed=settings.seed)
         )
+        model = self.build_model(request.stage)
         return Task(
-            model=self.build_model(request.stage),
+            model=model,
             loss=lm_loss,
             train_batch=lambda index: batches()(index),
             settings=settings,
             evaluate=lambda model: bits_per_byte(model, corpus(), seq_len=seq_len, max_windows=recipe.eval_windows),
             sample=lambda model: sample_text(model, corpus(), seed=settings.seed),
             batch_tokens=lambda batch: batch.shape[0] * (batch.shape[1] - 1),
+            batch_flops=lambda batch: batch.shape[0] * model.training_flops(batch.shape[1] - 1),
         )
 
     def demo_runs(self, *, quick: bool) -> list[DemoRun]:

@@ -282,6 +282,11 @@ def load_module_weights(module: nn.Module, folder: Path, *, map_location: str | 
     load_weights(module, folder / WEIGHTS_FILE, map_location=map_location)
 
 
+def dir_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of every file under ``folder``."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__

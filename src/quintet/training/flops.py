@@ -33,11 +33,31 @@ GPU_PEAKS: tuple[tuple[str, float, float], ...] = (
 )
 
 
+def _cpu_attention_flops() -> dict:
+    """FlopCounterMode's formulas for the CPU's fused attention kernel, which it does not count itself
+    (it does count the CUDA kernels): the same counts as for any other SDPA kernel."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    # FlopCounterMode hands these the shapes of the op's tensor arguments
+    def forward(query, key, value, *args, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
+
+
 def count_flops(fn: Callable[[], Any]) -> float:
     """FLOPs that one call of ``fn`` runs through matmuls / convolutions / attention (FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops()) as counter:
         fn()
     return float(counter.get_total_flops())
 

@@ -312,6 +312,7 @@ def _stage_summary(system, preset, stage, result: TrainResult, trainer: Trainer)
         "train_metrics": result.train_metrics,
         "eval_metrics": result.eval_metrics,
         "stopped_early": result.stopped_early,
+        "mfu": result.train_metrics.get("mfu"),
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "device": str(trainer.device),
         "world_size": trainer.context.world_size,

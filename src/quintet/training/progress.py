@@ -14,7 +14,7 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-_THROUGHPUT = ("steps_per_s", "samples_per_s", "tokens_per_s")
+_THROUGHPUT = ("steps_per_s", "samples_per_s", "tokens_per_s", "flops_per_s")
 
 
 def _summary_writer(log_dir: Path):
@@ -47,7 +47,10 @@ def _line(event: dict[str, Any], skip: tuple[str, ...]) -> str:
     for key, value in event.items():
         if key in skip:
             continue
-        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        if key == "mfu":
+            parts.append(f"mfu {value:.1%}")  # model FLOPs utilisation: a share of the device's peak
+        else:
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " | ".join(parts)
 
 
