@@ -73,7 +73,7 @@ def matmul_flops_per_s(
     The yardstick of "within 1.5x of the time its FLOPs need": a step's FLOPs divided by this rate is
     the time the hardware needs at best, at the current thread count.
     """
-    from quintet.bench import time_fn
+    import torch.utils.benchmark as torch_benchmark
 
     device = torch.device(device)
     key = (str(device), str(dtype), size, torch.get_num_threads())
@@ -86,7 +86,9 @@ def matmul_flops_per_s(
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        _MATMUL_RATE[key] = 2 * size**3 / time_fn(matmul, min_run_time=0.3)
+        matmul()  # warm-up
+        timer = torch_benchmark.Timer(stmt="matmul()", globals={"matmul": matmul}, num_threads=torch.get_num_threads())
+        _MATMUL_RATE[key] = 2 * size**3 / timer.blocked_autorange(min_run_time=0.3).median
     return _MATMUL_RATE[key]
 
 
