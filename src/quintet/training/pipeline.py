@@ -14,6 +14,7 @@ finished stages and continues the one that was running from its latest checkpoin
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, fields, replace
@@ -215,7 +216,7 @@ def _train_stages(
             if init_from is not None:
                 path = find_stage_checkpoint(Path(init_from), need, only_need=len(stage.needs) == 1)
             elif need in completed:
-                path = resolve_checkpoint(completed[need])
+                path = resolve_checkpoint(run_dir / completed[need])
             else:
                 raise ValueError(
                     f"init_from: stage {stage.name!r} needs the trained {need!r} stage; train the whole preset, "
@@ -224,7 +225,7 @@ def _train_stages(
             inputs[need], input_paths[need] = load_trained(system, path, device), str(path.resolve())
 
         if stage.name in completed and resume and only_stage is None:
-            checkpoint = resolve_checkpoint(completed[stage.name])
+            checkpoint = resolve_checkpoint(run_dir / completed[stage.name])
             settings = checkpoint_settings(checkpoint)
             task = _make_task(system, preset, stage, settings, data, inputs)
             model = load_trained(system, checkpoint, device)
@@ -276,7 +277,8 @@ def _train_stages(
                 stopped=result.stopped_early,
             )
         if record is not None:
-            completed[stage.name] = str(result.checkpoint.resolve())
+            # relative to the run folder, so a run moved elsewhere still resumes
+            completed[stage.name] = os.path.relpath(result.checkpoint, run_dir)
             record["completed"] = completed
             if context.is_main:
                 _write_json(run_dir / RUN_FILE, record)
