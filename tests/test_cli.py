@@ -137,3 +137,17 @@ def test_hourglass_train_sample_eval(tmp_path):
     sampled = quintet("sample", "hourglass", "--checkpoint", str(out), "--device", "cpu")
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.strip()
+
+
+def test_record_writes_an_episode_store_of_frames_and_actions(tmp_path, capsys):
+    from quintet.cli import main
+    from quintet.data import EpisodeStore
+
+    assert main(["record", "CartPole-v1", "--out", str(tmp_path / "rec"), "--episodes", "2", "--size", "16"]) == 0
+    store = EpisodeStore(tmp_path / "rec")
+    assert store.num_episodes == 2 and "recorded 2 episodes" in capsys.readouterr().out
+    frames = store.episode(0).observations
+    assert frames.dtype.name == "uint8" and frames.shape[1:] == (3, 16, 16)
+    assert main(["record", "NoSuchEnv-v0", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: env: NoSuchEnv-v0")

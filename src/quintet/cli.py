@@ -1,4 +1,4 @@
-"""The ``quintet`` command: train, sample, eval, play, export, list, bench, demo.
+"""The ``quintet`` command: train, sample, eval, play, export, record, list, bench, demo.
 
 Flags come from dataclasses (tyro), ``--help`` from their field docstrings. ``quintet train``'s
 optimisation flags are :class:`~quintet.training.task.TrainSettings` itself, with the chosen preset's
@@ -306,6 +306,53 @@ class PlayCommand(_CheckpointCommand):
         return 0
 
 
+@dataclass(kw_only=True)
+class RecordCommand:
+    """Play a gymnasium environment and record its frames, actions and episode boundaries as an episode
+    store (memory-mapped; what a world model trains on, e.g. `quintet train genie --data DIR`)."""
+
+    env: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="ENV")]
+    """a gymnasium env id, e.g. ALE/Breakout-v5 (Atari ROMs ship with ale-py) or CartPole-v1"""
+    out: Path
+    """the store's folder"""
+    episodes: int = 20
+    """episodes to record"""
+    size: int = 64
+    """frames are resized to size x size RGB"""
+    max_steps: int | None = None
+    """cut an episode after this many steps (unset: the env's own limit)"""
+    envs: int = 1
+    """environments stepped side by side"""
+    seed: int = 0
+    """env seeds start here; seeds the random policy too"""
+
+    def run(self) -> int:
+        from quintet.core.validation import check_int
+        from quintet.data import record
+
+        check_int(self.episodes, "episodes", minimum=1)
+        check_int(self.size, "size", minimum=8)
+        check_int(self.envs, "envs", minimum=1)
+        if self.max_steps is not None:
+            check_int(self.max_steps, "max_steps", minimum=1)
+        try:
+            store = record(
+                self.env,
+                self.out,
+                self.episodes,
+                size=self.size,
+                seed=self.seed,
+                max_steps=self.max_steps,
+                num_envs=self.envs,
+            )
+        except Exception as error:
+            if type(error).__module__.startswith("gymnasium"):  # an unknown id, a missing extra, ...
+                raise ValueError(f"env: {self.env}: {error}") from error
+            raise
+        print(f"recorded {store.num_episodes} episodes ({len(store)} steps) of {self.env} into {self.out}")
+        return 0
+
+
 # ---------------------------------------------------------------------------------------------- list / bench / demo
 
 
@@ -385,6 +432,7 @@ COMMANDS: dict[str, type] = {
     "eval": EvalCommand,
     "play": PlayCommand,
     "export": ExportCommand,
+    "record": RecordCommand,
     "list": ListCommand,
     "bench": BenchCommand,
     "demo": DemoCommand,
