@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ from typing import Annotated, Any, Literal
 import torch
 import tyro
 
-from quintet.core.config import CheckpointError
 from quintet.training.task import TrainSettings
 
 SYSTEM = tyro.conf.arg(metavar="SYSTEM")
@@ -54,6 +54,9 @@ class TrainCommand:
     """run folder (unset: runs/SYSTEM-PRESET)"""
     resume: bool = False
     """continue from the run folder's latest checkpoint (inside whichever stage was running)"""
+    auto_resume: bool = False
+    """resume when the run folder holds a checkpoint, else start fresh (one command for a job's first
+    launch and its requeues)"""
     stage: str | None = None
     """train this stage of a multi-stage preset alone (its settings become the flags' defaults)"""
     init_from: Path | None = None
@@ -72,11 +75,13 @@ class TrainCommand:
         default_factory=TrainSettings
     )
     """the optimisation settings; flags you set apply to every stage the command trains"""
+    typed: Annotated[tuple[str, ...], tyro.conf.Suppress] = ()
+    """the settings flags given on the command line (set by the parser): they override every stage"""
 
     def run(self) -> int:
         from quintet.core.io import ensure_writable_dir
         from quintet.registry import get_preset, get_system
-        from quintet.training.pipeline import TrainerOptions, train_preset
+        from quintet.training.pipeline import TrainerOptions, has_checkpoint, train_preset
 
         system = get_system(self.system)
         preset_name = self.preset or DEFAULT_PRESET
@@ -88,19 +93,15 @@ class TrainCommand:
         out = self.out or Path("runs") / f"{system.name}-{preset_name}"
         if _is_main_process():
             ensure_writable_dir(out, "out")
-        defaults = _stage_defaults(self)[1]
-        overrides = {
-            f.name: getattr(self.settings, f.name)
-            for f in dataclasses.fields(TrainSettings)
-            if getattr(self.settings, f.name) != getattr(defaults, f.name)
-        }
+        resume = self.resume or (self.auto_resume and has_checkpoint(out, preset))
+        overrides = {name: getattr(self.settings, name) for name in self.typed}
         result = train_preset(
             system,
             preset,
             run_dir=out,
             data=self.data,
             overrides=overrides,
-            resume=self.resume,
+            resume=resume,
             only_stage=self.stage,
             init_from=self.init_from,
             options=TrainerOptions(
@@ -121,9 +122,10 @@ class TrainCommand:
                 f"done: {prefix}step {trained.step} in {trained.seconds:.1f} s; {shown}; "
                 f"wrote {stage.run_dir / 'summary.json'}"
             )
-        if result.stopped:
+        if result.stopped_by:
             launcher = "torchrun ... -m quintet" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "quintet"
-            print(f"stopped ({result.stopped}): resume with `{launcher} train {system.name} --out {out} --resume`")
+            print(f"stopped by {result.stopped_by}: resume with `{launcher} train {system.name} --out {out} --resume`")
+            return 128 + signal.Signals[result.stopped_by].value  # the shell's code for "ended by this signal"
         return 0
 
 
@@ -131,18 +133,23 @@ def _stage_defaults(command: TrainCommand) -> tuple[str, TrainSettings]:
     """The preset name and the settings the flags default to: the stage's (or, resuming, its checkpoint's)."""
     from quintet.registry import get_preset, get_system
     from quintet.training.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, read_run_config
-    from quintet.training.pipeline import apply_overrides, checkpoint_settings, read_run_file
+    from quintet.training.pipeline import (
+        apply_overrides,
+        check_owner,
+        checkpoint_settings,
+        has_checkpoint,
+        read_run_file,
+    )
 
     system = get_system(command.system)
     preset_name = command.preset or DEFAULT_PRESET
-    if not command.resume:
-        preset = get_preset(system.name, preset_name)
-        return preset_name, (preset.stage(command.stage) if command.stage else preset.stages[0]).settings
     out = command.out or Path("runs") / f"{system.name}-{preset_name}"
+    preset = get_preset(system.name, preset_name)
+    if not (command.resume or (command.auto_resume and has_checkpoint(out, preset))):
+        return preset_name, (preset.stage(command.stage) if command.stage else preset.stages[0]).settings
     record = read_run_file(out) if out.is_dir() else None
     if record is not None:  # a multi-stage run: the stage to continue is the first one not finished
-        if record.get("system") != system.name:
-            raise CheckpointError(f"{out}: is a run of system {record.get('system')!r}, not {system.name!r}")
+        check_owner(record, system, out / "run.json")
         preset_name = command.preset or record["preset"]
         preset = get_preset(system.name, preset_name)
         pending = [s for s in preset.stages if s.name not in record["completed"]] or [preset.stages[-1]]
@@ -155,9 +162,7 @@ def _stage_defaults(command: TrainCommand) -> tuple[str, TrainSettings]:
     if checkpoint is None:
         raise ValueError(f"resume: {out} holds no checkpoint to resume from")
     run_config = read_run_config(checkpoint)
-    owner = run_config.get("system")
-    if owner != system.name:
-        raise CheckpointError(f"{checkpoint}: is a checkpoint of system {owner!r}, not {system.name!r}")
+    check_owner(run_config, system, checkpoint)
     preset_name = command.preset or run_config.get("preset", DEFAULT_PRESET)
     get_preset(system.name, preset_name)
     return preset_name, checkpoint_settings(checkpoint)
@@ -251,13 +256,13 @@ class ExportCommand:
     def run(self) -> int:
         from quintet.registry import get_system
         from quintet.training.checkpoint import load_checkpoint_model, read_run_config
-        from quintet.training.pipeline import resolve_run_checkpoint
+        from quintet.training.pipeline import check_owner, resolve_run_checkpoint
 
         system = get_system(self.system)
         checkpoint = resolve_run_checkpoint(self.checkpoint)
-        owner = read_run_config(checkpoint).get("system")
-        if owner is not None and owner != system.name:
-            raise CheckpointError(f"{checkpoint}: is a checkpoint of system {owner!r}, not {system.name!r}")
+        check_owner(read_run_config(checkpoint), system, checkpoint)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out: {self.out} exists and is not a folder")
         model, checkpoint, which = load_checkpoint_model(system, checkpoint, ema=self.ema)
         model.save_pretrained(self.out)
         print(f"wrote the {which} weights of {checkpoint} ({type(model).__name__}) to {self.out}")
@@ -292,6 +297,12 @@ class PlayCommand(_CheckpointCommand):
                 raise ValueError(f"actions: expected comma-separated integers, got {self.actions!r}") from None
         if self.headless and (not actions and not self.steps):
             raise ValueError("actions: a headless rollout needs --actions (or --steps)")
+        if self.headless and self.out is None:
+            raise ValueError("out: a headless rollout is written to a file; give --out (e.g. play.gif)")
+        if not self.fps > 0:
+            raise ValueError(f"fps: expected a number > 0, got {self.fps}")
+        if self.steps < 0:
+            raise ValueError(f"steps: expected an integer >= 0, got {self.steps}")
         options = PlayOptions(
             headless=self.headless, actions=actions, out=self.out, fps=self.fps, steps=self.steps, seed=self.seed
         )
@@ -506,7 +517,15 @@ def parse_command(argv: Sequence[str]) -> Any:
     command = _tyro(parse_top, argv)
     if isinstance(command, TrainCommand):
         command = _tyro(parse_train(_train_defaults(command)), argv[1:])
+        command = dataclasses.replace(command, typed=_typed_settings(argv[1:]))
     return command
+
+
+def _typed_settings(args: Sequence[str]) -> tuple[str, ...]:
+    """The ``TrainSettings`` fields whose flags appear on the command line (``--batch-size 8``,
+    ``--batch-size=8``): those override every stage, whatever value they give."""
+    flags = {arg.split("=", 1)[0] for arg in args if arg.startswith("--")}
+    return tuple(f.name for f in dataclasses.fields(TrainSettings) if "--" + f.name.replace("_", "-") in flags)
 
 
 def _one_line(error: BaseException) -> str:

@@ -134,3 +134,21 @@ def test_sample_and_eval_read_a_flat_baseline_checkpoint(system, tmp_path, capsy
     assert captured.out.strip() and "loaded model weights" in captured.err
     assert main(["eval", "hourglass", "--checkpoint", str(tmp_path), "--device", "cpu"]) == 0
     assert 0 < json.loads(capsys.readouterr().out)["val_bpb"] < 9
+
+
+def test_resume_keeps_the_run_s_data_and_refuses_another(tmp_path, capsys):
+    from quintet.cli import main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    out = str(tmp_path / "run")
+    common = ["--preset", "tiny", "--device", "cpu", "--out", out]
+    assert main(["train", "hourglass", *common, "--data", str(text), "--steps", "2"]) == 0
+    assert main(["train", "hourglass", "--out", out, "--device", "cpu", "--resume", "--steps", "3"]) == 0
+    checkpoint = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "run_config.json").read_text())
+    assert checkpoint["data"] == str(text)
+    capsys.readouterr()
+    other = tmp_path / "other.txt"
+    other.write_text("another corpus " * 500)
+    assert main(["train", "hourglass", "--out", out, "--resume", "--data", str(other), "--steps", "4"]) == 2
+    assert "data: the run trained on" in capsys.readouterr().err

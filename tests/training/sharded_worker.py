@@ -39,7 +39,7 @@ def dump_restored(trainer: Trainer, path: Path) -> None:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optimizer_state = get_state_dict(trainer.parallel_model, trainer.optimizer, options=options)
-    ema = {name: full_tensor(t).detach().cpu() for name, t in zip(trainer.ema.names, trainer.ema.tensors)}
+    ema = {name: full_tensor(t).detach().cpu() for name, t in trainer.ema.state_dict().items()}
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"model": model_state, "optimizer": optimizer_state["state"], "ema": ema}, path)
 

@@ -45,7 +45,7 @@ def test_sigterm_checkpoints_says_how_to_resume_and_resumes_exactly(tmp_path, to
 
     out = tmp_path / "preempted"
     stopped = toy(*train, "--out", str(out), kill_at="train:3:SIGTERM")  # a real process gets the signal
-    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr  # a script's `&&` sees the run is unfinished
     assert "interrupted by SIGTERM" in stopped.stdout
     assert f"train toy --out {out} --resume" in stopped.stdout.strip().splitlines()[-1]
     assert latest_checkpoint(out / "checkpoints").name == "step_00000003"  # no checkpoint_every step: the signal's
@@ -124,3 +124,15 @@ def test_keep_last_deletes_only_behind_a_complete_newer_checkpoint(tmp_path, mon
     names = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert names == ["step_00000004", "step_00000005", "step_00000006"]
     assert latest_checkpoint(run / "checkpoints").name == "step_00000006"
+
+
+def test_a_signal_in_a_stage_s_last_step_starts_no_further_stage(tmp_path):
+    out = tmp_path / "run"
+    stopped = toy(
+        "train", "toy-staged", "--preset", "tiny", "--out", str(out), "--device", "cpu", kill_at="first:6:SIGTERM"
+    )
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert latest_checkpoint(out / "first" / "checkpoints").name == "step_00000006"
+    assert not (out / "second").exists()
+    resumed = toy("train", "toy-staged", "--out", str(out), "--resume", "--device", "cpu")
+    assert resumed.returncode == 0 and "done: second: step 5" in resumed.stdout, resumed.stderr

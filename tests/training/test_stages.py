@@ -107,3 +107,20 @@ def test_one_stage_alone_without_its_needs_is_a_clear_error(toy_systems, tmp_pat
     assert code == 2 and len(err) == 1 and "init_from" in err[0] and "'first'" in err[0]
     code = main([*TRAIN, "--out", str(tmp_path / "run"), "--stage", "third"])
     assert code == 2 and "no stage 'third'" in capsys.readouterr().err
+
+
+def test_a_typed_flag_overrides_every_stage_even_at_a_stage_s_default(toy_systems, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TRAIN, "--out", str(out), "--steps", "6"]) == 0  # 6 is the first stage's own default
+    assert "done: first: step 6" in capsys.readouterr().out
+    assert latest_checkpoint(out / "second" / "checkpoints").name == "step_00000006"
+    assert json.loads((out / "run.json").read_text())["overrides"] == {"steps": 6}
+
+
+def test_auto_resume_starts_fresh_then_continues(toy_systems, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "toy", "--preset", "tiny", "--device", "cpu", "--out", str(out), "--auto-resume"]) == 0
+    assert "resumed from" not in capsys.readouterr().out
+    assert main(["train", "toy", "--device", "cpu", "--out", str(out), "--auto-resume", "--steps", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "done: step 8" in printed

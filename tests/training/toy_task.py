@@ -161,7 +161,10 @@ class ToySystem(System):
         if request.data is not None:
             raise ValueError("data: the toy system trains on a generated pattern only")
         model_class = self.model_class(request.stage.model_config)
-        return make_toy_task(request.settings, config=request.stage.model_config, model_class=model_class)
+        task = make_toy_task(request.settings, config=request.stage.model_config, model_class=model_class)
+        if request.model is not None:
+            task.model = request.model
+        return task
 
 
 class OtherToySystem(ToySystem):
@@ -279,7 +282,7 @@ def install_kill(stage: str, step: int, signum: int = signal.SIGKILL) -> None:
     """Send this process ``signum`` after optimizer step ``step`` of stage ``stage`` (a crash or a preemption)."""
     import quintet.training.pipeline as pipeline
 
-    original = pipeline._make_task
+    original = pipeline.make_task
 
     def make_task(system, preset, stage_, *args, **kwargs):
         task = original(system, preset, stage_, *args, **kwargs)
@@ -287,7 +290,7 @@ def install_kill(stage: str, step: int, signum: int = signal.SIGKILL) -> None:
             task.after_step = lambda done: os.kill(os.getpid(), signum) if done == step else None
         return task
 
-    pipeline._make_task = make_task
+    pipeline.make_task = make_task
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from quintet.core.io import atomic_write, atomic_write_text
+from quintet.core.io import atomic_write, atomic_write_text, read_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -109,13 +109,8 @@ def _decode_value(annotation: Any, value: Any, where: str) -> Any:
 def config_class_tag(directory: str | os.PathLike) -> str:
     """The config class name a ``save_pretrained`` folder's ``config.json`` is tagged with."""
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: config file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(data, dict) or not isinstance(data.get(CLASS_KEY), str):
+    data = read_json(path, CheckpointError)
+    if not isinstance(data.get(CLASS_KEY), str):
         raise CheckpointError(f"{path}: has no {CLASS_KEY!r} tag naming its config class")
     return data[CLASS_KEY]
 
@@ -127,13 +122,7 @@ def save_config(config: Any, path: str | os.PathLike) -> None:
 
 def load_config(config_class: type[ConfigT], path: str | os.PathLike) -> ConfigT:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: config file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
-    return config_from_dict(config_class, data, source=str(path))
+    return config_from_dict(config_class, read_json(path, CheckpointError), source=str(path))
 
 
 class PretrainedModel(nn.Module, PyTorchModelHubMixin):

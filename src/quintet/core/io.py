@@ -6,10 +6,12 @@ image sets) and ``quintet.training`` (checkpoints, reports), so each is written 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def cache_dir() -> Path:
@@ -50,3 +52,17 @@ def ensure_writable_dir(path: str | os.PathLike, name: str) -> Path:
         reason = error.strerror or type(error).__name__
         raise ValueError(f"{name}: cannot write to {path} ({reason})") from error
     return path
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing, unreadable or non-object file raises ``error`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -138,7 +138,7 @@ class HourglassSystem(System):
         batches = functools.cache(
             lambda: train_batches(corpus(), batch_size=settings.batch_size, seq_len=seq_len, seed=settings.seed)
         )
-        model = self.build_model(request.stage)
+        model = self.task_model(request)
         return Task(
             model=model,
             loss=lm_loss,

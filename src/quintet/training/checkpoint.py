@@ -45,6 +45,7 @@ from quintet.core.config import (
     load_config,
     load_weights,
 )
+from quintet.core.io import read_json
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -198,16 +199,7 @@ def load_trainer_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_run_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / RUN_CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: run config not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    return read_json(Path(checkpoint_dir) / RUN_CONFIG_FILE, CheckpointError)
 
 
 def load_checkpoint_model(
@@ -245,10 +237,11 @@ def is_sharded_checkpoint(checkpoint_dir: str | os.PathLike) -> bool:
 def sharded_keys(checkpoint_dir: Path) -> set[str]:
     """The top-level entries (``model``, ``ema``, ``optimizer``) a sharded checkpoint holds."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         metadata = FileSystemReader(str(checkpoint_dir / SHARDED_DIR)).read_metadata()
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, CheckpointException) as error:
         where = checkpoint_dir / SHARDED_DIR
         raise CheckpointError(f"{where}: unreadable sharded checkpoint ({_first_line(error)})") from error
     return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
@@ -257,13 +250,14 @@ def sharded_keys(checkpoint_dir: Path) -> set[str]:
 def load_sharded_module(module: nn.Module, checkpoint_dir: Path, which: str) -> None:
     """Load entry ``which`` (``model`` / ``ema``) of a sharded checkpoint into a whole ``module``, in one process."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     state = {which: module.state_dict()}
     try:
         with warnings.catch_warnings():  # "loading in a single process" is what this function is for
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(checkpoint_dir / SHARDED_DIR), no_dist=True)
-    except (OSError, RuntimeError, ValueError, KeyError) as error:
+    except (OSError, RuntimeError, ValueError, KeyError, CheckpointException) as error:
         where = checkpoint_dir / SHARDED_DIR
         raise CheckpointError(f"{where}: does not load into the model ({_first_line(error)})") from error
     module.load_state_dict(state[which])

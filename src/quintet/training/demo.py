@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from quintet import registry
-from quintet.core.io import ensure_writable_dir
+from quintet.core.io import atomic_write_text, ensure_writable_dir
 from quintet.registry import System
-from quintet.training.pipeline import RunResult, TrainerOptions, train_preset
+from quintet.training.pipeline import RunResult, TrainerOptions, split_budget, train_preset
 from quintet.training.report import write_report
 from quintet.training.task import ReportSection
 
@@ -40,8 +40,7 @@ def run_system_demo(system: System, out_dir: Path, *, budget_s: float, quick: bo
     results: list[RunResult] = []
     remaining = budget_s
     for position, run in enumerate(runs):
-        shares = [r.budget_share for r in runs[position:]]
-        budget = max(1.0, remaining * shares[0] / sum(shares))
+        budget = split_budget(remaining, [r.budget_share for r in runs[position:]])
         results.append(
             train_preset(
                 system,
@@ -119,6 +118,6 @@ def run_demo(
         "report": str(report),
         "systems": results,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"[demo] wrote {report} and {out_dir / 'summary.json'} ({total:.0f} s)", flush=True)
     return summary

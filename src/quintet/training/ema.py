@@ -26,10 +26,10 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else tensor
 
 
-def _averaged_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The named tensors an EMA follows: the parameters and the buffers the model saves (its state dict)."""
-    saved = set(model.state_dict())
-    return [(name, tensor) for name, tensor in (*model.named_parameters(), *model.named_buffers()) if name in saved]
+def _averaged_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name -> tensor for what an EMA follows: the model's state dict (parameters and saved buffers).
+    Tied weights appear under each of their names, as the same tensor."""
+    return model.state_dict(keep_vars=True)
 
 
 class WeightEMA:
@@ -39,15 +39,20 @@ class WeightEMA:
         self.decay = decay
         self.sharded = sharded
         self.module: nn.Module | None = None
+        named = _averaged_tensors(model)
+        self.names = list(named)
+        # one averaged tensor per distinct tensor: tied weights (one tensor, two names) share it
+        firsts: dict[int, str] = {}
+        self._slot = {name: firsts.setdefault(id(tensor), name) for name, tensor in named.items()}
+        self._unique = list(dict.fromkeys(self._slot.values()))
         if sharded:
-            self.names = [name for name, _ in _averaged_tensors(model)]
-            self.tensors = [tensor.detach().clone() for _, tensor in _averaged_tensors(model)]
+            self._averaged = {name: named[name].detach().clone() for name in self._unique}
         else:
             self.module = copy.deepcopy(model)
             self.module.requires_grad_(False)
-            named = _averaged_tensors(self.module)
-            self.names = [name for name, _ in named]
-            self.tensors = [tensor.detach() for _, tensor in named]
+            copied = _averaged_tensors(self.module)
+            self._averaged = {name: copied[name].detach() for name in self._unique}
+        self.tensors = [self._averaged[name] for name in self._unique]
         self._shards = [_local(tensor) for tensor in self.tensors]
         self.n_averaged = 0
         """updates so far (a Python number: reading it never waits on a device)"""
@@ -55,8 +60,8 @@ class WeightEMA:
     def _sources(self, model: nn.Module) -> list[torch.Tensor]:
         """``model``'s tensors in the EMA's order (looked up once: the optimizer updates them in place)."""
         if getattr(self, "_source_of", None) is not model:
-            named = dict(_averaged_tensors(model))
-            self._source_list = [_local(named[name].detach()) for name in self.names]
+            named = _averaged_tensors(model)
+            self._source_list = [_local(named[name].detach()) for name in self._unique]
             self._source_of = model
         return self._source_list
 
@@ -76,15 +81,15 @@ class WeightEMA:
         self.n_averaged += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Name -> averaged tensor (shards under FSDP), for a sharded checkpoint."""
-        return dict(zip(self.names, self.tensors))
+        """Name -> averaged tensor (shards under FSDP), every name of a tied weight included."""
+        return {name: self._averaged[self._slot[name]] for name in self.names}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [name for name in self.names if name not in state]
+        missing = [name for name in self._unique if name not in state]
         if missing:
             raise KeyError(f"ema: the checkpoint has no {missing[:3]}")
-        torch._foreach_copy_(self._shards, [_local(state[name]) for name in self.names])
+        torch._foreach_copy_(self._shards, [_local(state[name]) for name in self._unique])
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:

@@ -193,6 +193,7 @@ def default_section(system: System, runs: list[RunResult]) -> ReportSection:
     """A system's demo section from its trained runs: each run's final metrics (named by the run when
     there are several), every stage's loss curve, and the last stage's samples."""
     metrics: dict[str, float] = {}
+    last_metrics: dict[str, float] = {}
     figures: list[str] = []
     texts: dict[str, str] = {}
     parts, seconds = [], 0.0
@@ -211,19 +212,19 @@ def default_section(system: System, runs: list[RunResult]) -> ReportSection:
                 figures.append(str(result.loss_curve))
         last = run.last
         if last.result is not None:
-            metrics.update({prefix + k: v for k, v in last.result.eval_metrics.items()})
+            last_metrics = dict(last.result.eval_metrics)
             if "loss" in last.result.train_metrics:
-                metrics[prefix + "train_loss"] = last.result.train_metrics["loss"]
+                last_metrics["train_loss"] = last.result.train_metrics["loss"]
+            metrics.update({prefix + k: v for k, v in last_metrics.items()})
         if last.task.sample is not None:
             with torch.no_grad():
                 sample_texts, sample_figures = sample_outputs(last.task.sample(last.model))
             texts.update({f"{prefix}{k}": v for k, v in sample_texts.items()})
             figures.extend(sample_figures)
     presets = ", ".join(f"{run.preset.name!r} ({run.preset.description}) on {run.preset.data}" for run in runs)
-    unprefixed = {k.split("_", 1)[1] if len(runs) > 1 else k: v for k, v in metrics.items()}
     summary = (
         f"{system.description} Trained {presets}: {'; '.join(parts)}. "
-        f"{describe_metrics(unprefixed, system.metric_meanings)}"
+        f"{describe_metrics(last_metrics, system.metric_meanings)}"
     ).strip()
     title = f"{system.name}: {runs[0].preset.description}" if len(runs) == 1 else system.name
     return ReportSection(

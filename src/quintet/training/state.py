@@ -8,9 +8,9 @@ history. A run with whole weights on each rank (one process, DDP) writes the wei
 state shard by shard (``torch.distributed.checkpoint``), so no rank gathers the model, and such a
 checkpoint resumes on any number of processes.
 
-:meth:`RunState.save` writes all of it; :meth:`RunState.restore_weights` (before the model is wrapped,
-whole checkpoints) and :meth:`RunState.restore_progress` (after: the optimizer, sharded weights, the
-EMA of a sharded run, the random state) read it back.
+:meth:`RunState.save` writes all of it; :func:`restore_weights` (before the model is wrapped: whole
+weights, extra modules) and :meth:`RunState.restore_progress` (after: the optimizer, sharded weights,
+the EMA, the random state) read it back.
 """
 
 from __future__ import annotations
@@ -75,6 +75,19 @@ class Progress:
     """set when the random state could not be restored exactly (another process count)"""
 
 
+def restore_weights(
+    model: nn.Module, extra_state: dict[str, nn.Module], checkpoint: Path, state: dict[str, Any], *, device
+) -> None:
+    """Load the extra modules and, from a whole checkpoint, the weights (before the model is wrapped;
+    a sharded checkpoint's weights load after, in :meth:`RunState.restore_progress`)."""
+    for name, module in extra_state.items():
+        if name not in state["extra_state"]:
+            raise CheckpointError(f"{checkpoint}: has no state for extra module {name!r}")
+        module.load_state_dict(state["extra_state"][name])
+    if not is_sharded_checkpoint(checkpoint):
+        load_module_weights(model, checkpoint / MODEL_DIR, map_location=device)
+
+
 @dataclass(kw_only=True)
 class RunState:
     """The objects one run checkpoints, and how to save and restore them."""
@@ -82,9 +95,9 @@ class RunState:
     model: nn.Module
     parallel_model: nn.Module
     """``model`` as wrapped for several processes (``model`` itself with one)"""
-    ema: WeightEMA | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    ema: WeightEMA | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     extra_state: dict[str, nn.Module]
     context: DistributedContext
     parallel: str
@@ -96,15 +109,6 @@ class RunState:
         return is_sharded(self.context, self.parallel)
 
     # -------------------------------------------------------------------------------- restore
-
-    def restore_weights(self, checkpoint: Path, state: dict[str, Any]) -> None:
-        """Load the extra modules and, from a whole checkpoint, the weights (before the model is wrapped)."""
-        for name, module in self.extra_state.items():
-            if name not in state["extra_state"]:
-                raise CheckpointError(f"{checkpoint}: has no state for extra module {name!r}")
-            module.load_state_dict(state["extra_state"][name])
-        if not is_sharded_checkpoint(checkpoint):
-            load_module_weights(self.model, checkpoint / MODEL_DIR, map_location=self.context.device)
 
     def restore_progress(self, checkpoint: Path, state: dict[str, Any]) -> Progress:
         """Load the optimizer (and a sharded checkpoint's weights), the EMA and the random state (after
@@ -121,12 +125,18 @@ class RunState:
         step = int(state["step"])
         saved_rng, context = state["rng"], self.context
         note = None
+        saved_accum = state.get("data_position", {}).get("grad_accum", self.settings.grad_accum)
+        if saved_accum != self.settings.grad_accum:
+            note = (
+                f"the checkpoint accumulated {saved_accum} micro-batches per step and this run "
+                f"{self.settings.grad_accum}: it reads other batches than an uninterrupted run would"
+            )
         if len(saved_rng) == context.world_size:
             restore_rng(saved_rng[context.rank], context.device)
         else:
             # another process count reads other batches anyway; reseed so that each rank still differs
             seed_everything(self.settings.seed + context.rank + 1_000_003 * step)
-            note = (
+            note = (note + "; " if note else "") + (
                 f"the checkpoint was written by {len(saved_rng)} process(es) and this run has {context.world_size}: "
                 "its random state is reseeded, so the run does not repeat an uninterrupted one exactly"
             )
@@ -151,7 +161,7 @@ class RunState:
         load_module_weights(whole, checkpoint / EMA_DIR, map_location=device)
         full = whole.state_dict()
         shards = {}
-        for name, tensor in zip(self.ema.names, self.ema.tensors):
+        for name, tensor in self.ema.state_dict().items():
             value = full[name].to(device)
             shards[name] = (
                 distribute_tensor(value, tensor.device_mesh, tensor.placements)
@@ -162,6 +172,7 @@ class RunState:
 
     def _load_sharded(self, checkpoint: Path) -> None:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_state, optimizer_state = get_state_dict(self.parallel_model, self.optimizer)
@@ -170,7 +181,7 @@ class RunState:
             state[EMA_DIR] = self.ema.state_dict()
         try:
             dcp.load(state, checkpoint_id=str(checkpoint / SHARDED_DIR), no_dist=not self.context.is_distributed)
-        except (RuntimeError, ValueError, KeyError) as error:
+        except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as error:
             raise CheckpointError(f"{checkpoint / SHARDED_DIR}: does not fit this run ({error})") from error
         set_state_dict(
             self.parallel_model,
@@ -212,7 +223,6 @@ class RunState:
 
     def save(self, run_dir: Path, *, step: int, elapsed_s: float, history: list[dict]) -> Path:
         """Write checkpoint ``step`` (every rank takes part); returns its folder on every rank."""
-        keep = self.settings.keep_last
         checkpoints_dir = run_dir / CHECKPOINTS_DIR
         rng = gather_objects(capture_rng(self.context.device), self.context)
         if self.sharded:
@@ -230,8 +240,9 @@ class RunState:
             state = self._trainer_state(
                 step=step, elapsed_s=elapsed_s, history=history, rng=rng, optimizer=optimizer_state
             )
+            run_config, keep = self._run_config(step), self.settings.keep_last
             written = write_checkpoint(
-                checkpoints_dir, step, models=models, state=state, run_config=self._run_config(step), keep=keep
+                checkpoints_dir, step, models=models, state=state, run_config=run_config, keep=keep
             )
         return broadcast_object(written, self.context)
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,13 +46,12 @@ from quintet.training.optim import build_optimizer, build_scheduler
 from quintet.training.parallel import PARALLEL_MODES, full_tensor, gradient_sync, is_sharded, wrap
 from quintet.training.progress import METRICS_FILE, TENSORBOARD_DIR, RunLogger, format_rate
 from quintet.training.report import plot_loss_curves
-from quintet.training.state import RunState, seed_everything
+from quintet.training.signals import StopSignals
+from quintet.training.state import RunState, restore_weights, seed_everything
 from quintet.training.task import RunInfo, Task
 
 PRECISIONS = ("auto", "bf16", "fp32")
 LOSS_CURVE_FILE = "loss_curve.png"
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
-"""Ctrl-C, and what cluster schedulers send before preempting a job: finish the step, checkpoint, return"""
 
 
 @dataclass
@@ -106,6 +103,8 @@ class Trainer:
     - ``resume``: continue from the latest checkpoint of ``run_dir``; without it a run that already
       lives in ``run_dir`` is replaced.
     - ``run_config``: plain data describing the run (system, preset, stage, ...), stored in every checkpoint.
+    - ``stop_signals``: an installed :class:`~quintet.training.signals.StopSignals` shared with the caller
+      (a run of several stages); without it ``fit`` installs its own while it runs.
     """
 
     def __init__(
@@ -121,6 +120,7 @@ class Trainer:
         compile: bool = False,
         find_unused_parameters: bool = False,
         live_progress: bool | None = None,
+        stop_signals: StopSignals | None = None,
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task: expected a quintet.training.Task, got {type(task).__name__}")
@@ -147,6 +147,7 @@ class Trainer:
         self.compile = bool(compile)
         self.find_unused_parameters = bool(find_unused_parameters)
         self.live_progress = live_progress
+        self.stop_signals = stop_signals
 
         self.model: nn.Module = task.model
         self.ema: WeightEMA | None = None
@@ -154,7 +155,6 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._latest_checkpoint: Path | None = None
         self._last_saved_step: int | None = None
-        self._stop_signal: str | None = None
         self._last_eval: tuple[int, dict[str, float]] | None = None
 
     @property
@@ -169,75 +169,68 @@ class Trainer:
         self.context = setup_distributed(self.device_request)
         self.device = self.context.device
         self.logger: RunLogger | None = None
-        previous_handlers = self._install_stop_handlers()
+        own_signals = self.stop_signals is None
+        signals = StopSignals() if own_signals else self.stop_signals
         try:
-            self._setup()
-            if self.task.start is not None:
-                self.task.start(
-                    RunInfo(
-                        run_dir=self.run_dir,
-                        rank=self.context.rank,
-                        world_size=self.context.world_size,
-                        grad_accum=self.settings.grad_accum,
-                        start_step=self.step,
-                        resumed=self.resume,
-                    )
-                )
-            stopped_early = self._train_loop()
-            seconds = self._elapsed()
-            eval_metrics = {}
-            if self.task.evaluate is not None:
-                # a run that stopped right after an evaluation (stop_when) is not evaluated twice
-                evaluated_now = self._last_eval is not None and self._last_eval[0] == self.step
-                eval_metrics = self._last_eval[1] if evaluated_now else self._evaluate()
-            if self._last_saved_step != self.step:
-                self._save_checkpoint()
-            loss_curve = None
-            if self.context.is_main and any(e["kind"] == "train" for e in self.history):
-                loss_curve = plot_loss_curves(self.history, self.run_dir / LOSS_CURVE_FILE, title="loss")
-            train_events = [e for e in self.history if e["kind"] == "train"]
-            last_train = train_events[-1] if train_events else {}
-            train_metrics = {k: v for k, v in last_train.items() if k not in ("kind", "step", "time_s")}
-            if stopped_early:
-                how = f"by {self._stop_signal}" if stopped_early == "interrupted" and self._stop_signal else ""
-                self.logger.message(
-                    f"stopped at step {self.step} ({stopped_early}{' ' + how if how else ''}); checkpoint "
-                    f"{self._latest_checkpoint.name} holds it (resume: --resume, or Trainer(..., resume=True))"
-                )
-            return TrainResult(
-                step=self.step,
-                seconds=seconds,
-                train_metrics=train_metrics,
-                eval_metrics=eval_metrics,
-                history=list(self.history),
-                run_dir=self.run_dir,
-                checkpoint=self._latest_checkpoint,
-                loss_curve=loss_curve,
-                stopped_early=stopped_early,
-            )
+            with signals if own_signals else contextlib.nullcontext():
+                self.stop_signals = signals
+                return self._fit()
         finally:
+            if own_signals:
+                self.stop_signals = None
             if self.logger is not None:
                 self.logger.close()
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
             teardown_distributed(self.context)
 
-    def _install_stop_handlers(self) -> dict[int, Any]:
-        """First Ctrl-C, SIGTERM or SIGUSR1: finish the current step, checkpoint and return; a second
-        signal acts as it would without the Trainer (Ctrl-C raises KeyboardInterrupt)."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-
-        def request_stop(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
-            for other, handler in previous.items():
-                default = signal.default_int_handler if other == signal.SIGINT else signal.SIG_DFL
-                signal.signal(other, handler if callable(handler) else default)
-
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, request_stop)
-        return previous
+    def _fit(self) -> TrainResult:
+        self._setup()
+        if self.task.start is not None:
+            self.task.start(
+                RunInfo(
+                    run_dir=self.run_dir,
+                    rank=self.context.rank,
+                    world_size=self.context.world_size,
+                    grad_accum=self.settings.grad_accum,
+                    start_step=self.step,
+                    resumed=self.resume,
+                )
+            )
+        stopped_early = self._train_loop()
+        seconds = self._elapsed()
+        interrupted = stopped_early == "interrupted"
+        if interrupted and self._last_saved_step != self.step:
+            # preempted: the checkpoint first, while the scheduler's grace period lasts; no final evaluation
+            self._save_checkpoint()
+        eval_metrics = self._last_eval[1] if self._last_eval is not None else {}
+        if self.task.evaluate is not None and not interrupted:
+            # a run that stopped right after an evaluation (stop_when) is not evaluated twice
+            if self._last_eval is None or self._last_eval[0] != self.step:
+                eval_metrics = self._evaluate()
+        if self._last_saved_step != self.step:
+            self._save_checkpoint()
+        loss_curve = None
+        if self.context.is_main and any(e["kind"] == "train" for e in self.history):
+            loss_curve = plot_loss_curves(self.history, self.run_dir / LOSS_CURVE_FILE, title="loss")
+        train_events = [e for e in self.history if e["kind"] == "train"]
+        last_train = train_events[-1] if train_events else {}
+        train_metrics = {k: v for k, v in last_train.items() if k not in ("kind", "step", "time_s")}
+        if stopped_early:
+            how = f" by {self.stop_signals.received}" if interrupted and self.stop_signals.received else ""
+            self.logger.message(
+                f"stopped at step {self.step} ({stopped_early}{how}); checkpoint "
+                f"{self._latest_checkpoint.name} holds it (resume: --resume, or Trainer(..., resume=True))"
+            )
+        return TrainResult(
+            step=self.step,
+            seconds=seconds,
+            train_metrics=train_metrics,
+            eval_metrics=eval_metrics,
+            history=list(self.history),
+            run_dir=self.run_dir,
+            checkpoint=self._latest_checkpoint,
+            loss_curve=loss_curve,
+            stopped_early=stopped_early,
+        )
 
     # ------------------------------------------------------------------ set-up
 
@@ -248,17 +241,9 @@ class Trainer:
         self.model.to(self.device)
         for module in self.task.extra_state.values():
             module.to(self.device)
-        self.state = RunState(
-            model=self.model,
-            parallel_model=self.model,
-            extra_state=self.task.extra_state,
-            context=context,
-            parallel=self.parallel,
-            settings=settings,
-            run_config=self.run_config,
-        )
         if checkpoint is not None:
-            self.state.restore_weights(checkpoint, saved)  # the extra modules; whole weights before wrapping
+            # the extra modules, and whole weights, load before wrapping (sharded ones after)
+            restore_weights(self.model, self.task.extra_state, checkpoint, saved, device=self.device)
 
         self._autocast_dtype = self._resolve_precision()
         self.parallel_model = wrap(
@@ -271,8 +256,18 @@ class Trainer:
         fused = self.device.type == "cuda" and self.parallel != "fsdp"
         self.optimizer = build_optimizer(self.parallel_model, settings, fused=fused)
         self.scheduler = build_scheduler(self.optimizer, settings)
-        self.state.parallel_model, self.state.ema = self.parallel_model, self.ema
-        self.state.optimizer, self.state.scheduler = self.optimizer, self.scheduler
+        self.state = RunState(
+            model=self.model,
+            parallel_model=self.parallel_model,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra_state=self.task.extra_state,
+            context=context,
+            parallel=self.parallel,
+            settings=settings,
+            run_config=self.run_config,
+        )
         self._peak_flops = None
         if self.task.batch_flops is not None:
             self._peak_flops = peak_flops_per_s(self.device, self._autocast_dtype)
@@ -357,7 +352,7 @@ class Trainer:
         flags = agree_any(
             [
                 settings.time_budget_s is not None and self._elapsed() >= settings.time_budget_s,
-                self._stop_signal is not None,
+                self.stop_signals.received is not None,
                 every_s is not None and time.perf_counter() - self._last_saved_time >= every_s,
             ],
             self.context,
