@@ -63,7 +63,7 @@ class QTransformerSystem(System):
         LunarLander heuristic, or random episodes), generated when training starts and cached."""
         rl: RLSettings = request.preset.recipe
         config = request.stage.model_config
-        model = self.build_model(request.stage)
+        model = self.task_model(request)
         if request.data is not None:
             source = ReplayDataset(request.data, frames=config.frames, n_step=rl.n_step)
         elif rl.steps_per_round:
