@@ -92,8 +92,14 @@ def _control_group() -> Any:
     return _CONTROL_GROUPS[key]
 
 
-def teardown_distributed(context: DistributedContext) -> None:
+def teardown_distributed(context: DistributedContext, *, finished: bool = True) -> None:
+    """Leave the process group this process joined; ``finished=False`` (a rank failed) skips the barrier."""
     if context.initialized_here and dist.is_initialized():
+        # Every rank reaches this line before any tears down: a gloo peer whose partner has already
+        # closed its sockets can abort in its background thread ("terminate called without an active
+        # exception"), which turned a finished run into a SIGABRT.
+        if finished:
+            dist.barrier()
         _CONTROL_GROUPS.clear()
         dist.destroy_process_group()
 

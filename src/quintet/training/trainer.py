@@ -171,16 +171,19 @@ class Trainer:
         self.logger: RunLogger | None = None
         own_signals = self.stop_signals is None
         signals = StopSignals() if own_signals else self.stop_signals
+        finished = False
         try:
             with signals if own_signals else contextlib.nullcontext():
                 self.stop_signals = signals
-                return self._fit()
+                result = self._fit()
+            finished = True
+            return result
         finally:
             if own_signals:
                 self.stop_signals = None
             if self.logger is not None:
                 self.logger.close()
-            teardown_distributed(self.context)
+            teardown_distributed(self.context, finished=finished)
 
     def _fit(self) -> TrainResult:
         self._setup()
