@@ -37,6 +37,8 @@ def test_stage_loss_backward_save_load_generate(item, tmp_path):
     preset, stage = item
     torch.manual_seed(0)
     system = registry.get_system(preset.system)
+    if (reason := system.unavailable(preset)) is not None:
+        pytest.skip(reason)  # its base weights are user-supplied; tests/<system> covers it on tiny local ones
     inputs = {}
     for need in stage.needs:
         earlier = system.build_model(preset.stage(need)).eval()

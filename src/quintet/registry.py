@@ -70,6 +70,13 @@ class System(ABC):
             raise CheckpointError(f"{folder}: {error}") from None
         return model_class.from_pretrained(folder, map_location=map_location)
 
+    def unavailable(self, preset: Preset) -> str | None:
+        """Why ``preset`` cannot be built on this machine (e.g. user-supplied base weights absent), else None.
+
+        Nothing downloads at run time, so a preset built on someone's pre-trained weights names them here;
+        ``quintet train`` refuses it with this reason and the registry test skips it."""
+        return None
+
     @abstractmethod
     def example_batch(self, model: PretrainedModel, *, batch_size: int, generator: torch.Generator) -> Any:
         """A small random batch that ``model``'s task loss accepts (for tests and benchmarks)."""

@@ -183,6 +183,8 @@ def train_preset(
     time a stage leaves unused passes on to the next; evaluation and checkpoints at the end of a
     stage are not charged). ``data``: resuming, the run's own data when None, an error when another.
     """
+    if (reason := system.unavailable(preset)) is not None:
+        raise ValueError(f"preset: {reason}")
     run = _Run(
         system=system,
         preset=preset,
@@ -196,11 +198,14 @@ def train_preset(
         options=options,
     )
     context = setup_distributed(options.device)  # one process group for every stage of the run
+    finished = False
     try:
         with StopSignals() as signals:  # one stop request for every stage of the run
-            return run.train(context, signals, budget_s)
+            result = run.train(context, signals, budget_s)
+        finished = True
+        return result
     finally:
-        teardown_distributed(context)
+        teardown_distributed(context, finished=finished)
 
 
 @dataclass(kw_only=True)
