@@ -419,7 +419,7 @@ class DemoCommand:
     systems: str | None = None
     """comma-separated systems to include (unset: all registered)"""
     budget_s: float | None = None
-    """training seconds per unit of a system's demo share (unset: 180, or 40 with --quick)"""
+    """training seconds per unit of a system's demo share (unset: 115, or 22 with --quick)"""
 
     def run(self) -> int:
         from quintet.training.demo import run_demo

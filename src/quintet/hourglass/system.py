@@ -34,6 +34,7 @@ class HourglassSystem(System):
     name = "hourglass"
     description = "hierarchical byte-level LM (Nawrot et al. 2021) with an equal-size flat transformer baseline"
     model_classes = (HourglassLM, FlatLM)
+    demo_budget_share = 1.5  # ~170 s: the hourglass and its flat baseline race for half of it each
     metric_meanings = {
         "val_loss": "mean next-byte cross-entropy on held-out text, in nats per byte (lower is better)",
         "val_bpb": "bits per byte on held-out text (lower is better; 8 is a uniform guess over bytes)",

@@ -28,7 +28,7 @@ from quintet.training.pipeline import RunResult, TrainerOptions, split_budget, t
 from quintet.training.report import write_report
 from quintet.training.task import ReportSection
 
-TRAIN_BUDGET_S = {False: 180.0, True: 40.0}
+TRAIN_BUDGET_S = {False: 115.0, True: 22.0}
 """training seconds per unit of ``demo_budget_share`` (full demo, ``--quick``)"""
 
 
