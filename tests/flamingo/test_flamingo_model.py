@@ -104,6 +104,17 @@ def test_block_text_before_the_first_image_gets_exactly_zero(immediate):
     assert (out[0, 3:] != x[0, 3:]).any(dim=-1).all() and (out[1, 5:] != x[1, 5:]).any(dim=-1).all()
 
 
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_keeps_cross_attention_weights_whatever_the_scale_of_the_media(qk_norm):
+    # the demo's loss spikes came from cross-attention logits growing with the scale of queries and keys;
+    # with qk_norm the attention weights ignore that scale, so the (bias-free) output is linear in the media
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(16, dim_media=8, heads=2, dim_head=8, qk_norm=qk_norm)
+    x, media = torch.randn(2, 5, 16), torch.randn(2, 8, 8)
+    out, scaled = (block.attn(block.attn_norm(x), media * scale) for scale in (1.0, 100.0))
+    assert torch.allclose(scaled, 100.0 * out, rtol=1e-4, atol=1e-4) == qk_norm
+
+
 @pytest.mark.parametrize("immediate", [True, False])
 def test_block_changing_image_i_changes_only_the_text_that_sees_it(immediate):
     torch.manual_seed(0)

@@ -128,6 +128,10 @@ class FlamingoConfig:
     gate_scale: float = 1.0
     """the gates are tanh(gate_scale * alpha), alpha starting at 0; 1 is the paper's, larger opens them
     in fewer steps (see ``GatedCrossAttentionBlock``)"""
+    qk_norm: bool = True
+    """RMS-normalised queries and keys in the resampler and the cross-attention (Dehghani et al. 2023,
+    Wortsman et al. 2023): without them the cross-attention logits grow while training (to ~25 in the
+    demo) and the loss spikes; False is the paper's plain attention"""
     only_attend_immediate_media: bool = True
     """True: a text token sees only the latest image before it; False: every image before it"""
     freeze_lm: bool = True
@@ -154,7 +158,7 @@ class FlamingoConfig:
             raise ValueError(f"cross_attn_every: at most the LM depth {self.lm.depth}, got {self.cross_attn_every}")
         check_number(self.cross_attn_ff_mult, "cross_attn_ff_mult", low=0.0, low_open=True)
         check_number(self.gate_scale, "gate_scale", low=0.0, low_open=True)
-        for name in ("only_attend_immediate_media", "freeze_lm", "freeze_vision"):
+        for name in ("qk_norm", "only_attend_immediate_media", "freeze_lm", "freeze_vision"):
             _check_bool(getattr(self, name), name)
 
     @property

@@ -68,6 +68,8 @@ class HFFlamingoConfig:
     cross_attn_ff_mult: float = 4.0
     gate_scale: float = 1.0
     """the gates are tanh(gate_scale * alpha); see ``GatedCrossAttentionBlock``"""
+    qk_norm: bool = True
+    """RMS-normalised queries and keys in the resampler and the cross-attention (see ``FlamingoConfig``)"""
     only_attend_immediate_media: bool = True
     image_mean: tuple[float, float, float] = CLIP_MEAN
     """per-channel mean the vision model was trained with (images arrive in [0, 1])"""
@@ -83,8 +85,9 @@ class HFFlamingoConfig:
             check_int(getattr(self, name), name, minimum=1)
         check_number(self.cross_attn_ff_mult, "cross_attn_ff_mult", low=0.0, low_open=True)
         check_number(self.gate_scale, "gate_scale", low=0.0, low_open=True)
-        if not isinstance(self.only_attend_immediate_media, bool):
-            raise ValueError(f"only_attend_immediate_media: expected a bool, got {self.only_attend_immediate_media!r}")
+        for name in ("qk_norm", "only_attend_immediate_media"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or len(value) != 3:
@@ -203,6 +206,7 @@ class HFFlamingo(PretrainedModel):
             heads=config.resampler_heads,
             dim_head=config.resampler_dim_head,
             max_frames=config.max_frames,
+            qk_norm=config.qk_norm,
         )
         layers = decoder_layers(language_model)
         self.cross_attn_layers = tuple(range(0, len(layers), config.cross_attn_every))
@@ -216,6 +220,7 @@ class HFFlamingo(PretrainedModel):
                     ff_mult=config.cross_attn_ff_mult,
                     norm="layer",
                     gate_scale=config.gate_scale,
+                    qk_norm=config.qk_norm,
                 )
                 for layer in self.cross_attn_layers
             }

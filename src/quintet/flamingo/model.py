@@ -155,6 +155,7 @@ class Flamingo(PretrainedModel):
             heads=config.resampler_heads,
             dim_head=config.resampler_dim_head,
             max_frames=config.max_frames,
+            qk_norm=config.qk_norm,
         )
         self.cross_attn = nn.ModuleDict(
             {
@@ -165,6 +166,7 @@ class Flamingo(PretrainedModel):
                     dim_head=config.cross_attn_dim_head,
                     ff_mult=config.cross_attn_ff_mult,
                     gate_scale=config.gate_scale,
+                    qk_norm=config.qk_norm,
                 )
                 for layer in config.cross_attn_layers
             }

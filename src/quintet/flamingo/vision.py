@@ -113,7 +113,7 @@ class PerceiverResampler(nn.Module):
     ``forward(features, media_mask=None)``: ``media_mask (b, m)`` marks real media (True); the
     tokens of padding media are zero. Each media item is resampled on its own, so padding never
     changes a real item's tokens. Frames of one item share its latents and are told apart by
-    learned time embeddings.
+    learned time embeddings. ``qk_norm``: RMS-normalised queries and keys (``FlamingoConfig.qk_norm``).
     """
 
     def __init__(
@@ -126,6 +126,7 @@ class PerceiverResampler(nn.Module):
         dim_head: int = 32,
         max_frames: int = 1,
         ff_mult: float = 4.0,
+        qk_norm: bool = False,
     ):
         super().__init__()
         for value, name in ((dim, "dim"), (depth, "depth"), (num_latents, "num_latents"), (max_frames, "max_frames")):
@@ -138,7 +139,7 @@ class PerceiverResampler(nn.Module):
                 {
                     "media_norm": make_norm("layer", dim),
                     "latent_norm": make_norm("layer", dim),
-                    "attn": Attention(dim, dim_context=dim, heads=heads, dim_head=dim_head),
+                    "attn": Attention(dim, dim_context=dim, heads=heads, dim_head=dim_head, qk_norm=qk_norm),
                     "ff_norm": make_norm("layer", dim),
                     "ff": FeedForward(dim, ff_mult, activation="gelu"),
                 }

@@ -171,7 +171,10 @@ class GatedCrossAttentionBlock(nn.Module):
 
     The gates are ``tanh(gate_scale * alpha)`` with ``alpha`` initialised to 0. ``gate_scale`` = 1 is
     the paper's; Adam moves ``alpha`` by about the learning rate per step whatever its gradient, so a
-    larger scale opens the gates in fewer steps (a budget of a few hundred steps needs ~20, measured).
+    larger scale opens the gates in fewer steps: the demo's few hundred to a thousand steps use 10, the
+    30-step ``tiny`` preset 20; 20 over the demo's run made the first block's gate the largest gradient by
+    far and spiked the loss (measured).
+    ``qk_norm``: RMS-normalised queries and keys (see ``FlamingoConfig.qk_norm``).
 
     ``forward(x, media, *, attn_mask, sees_media, cache)``: ``attn_mask (b, n, j)`` and
     ``sees_media (b, n)`` from :func:`media_attention_mask`. With ``cache`` (a ``LayerCache``) the
@@ -189,11 +192,12 @@ class GatedCrossAttentionBlock(nn.Module):
         norm: str = "rms",
         ff_activation: str = "gelu",
         gate_scale: float = 1.0,
+        qk_norm: bool = False,
     ):
         super().__init__()
         self.gate_scale = gate_scale
         self.attn_norm = make_norm(norm, dim)
-        self.attn = Attention(dim, dim_context=dim_media, heads=heads, dim_head=dim_head)
+        self.attn = Attention(dim, dim_context=dim_media, heads=heads, dim_head=dim_head, qk_norm=qk_norm)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ff_norm = make_norm(norm, dim)
         self.ff = FeedForward(dim, ff_mult, activation=ff_activation)
@@ -215,5 +219,5 @@ class GatedCrossAttentionBlock(nn.Module):
         attended = self.attn(self.attn_norm(x), media, attn_mask=attn_mask, cache=cache)
         attn_gate, ff_gate = (torch.tanh(self.gate_scale * gate) for gate in (self.attn_gate, self.ff_gate))
         x = x + attn_gate * attended  # y = y + tanh(alpha_xattn) * Attention(q=y, kv=X)
-        dense = self.ff(self.ff_norm(x)) * sees_media[..., None].to(x.dtype)
-        return x + ff_gate * dense  # y = y + tanh(alpha_dense) * FFW(y)
+        ff_gate = ff_gate * sees_media[..., None].to(x.dtype)  # (b, n, 1): no dense update without an image in view
+        return x + ff_gate * self.ff(self.ff_norm(x))  # y = y + tanh(alpha_dense) * FFW(y)
