@@ -49,10 +49,11 @@ def test_eval_metrics_have_their_stable_names(tiny_run):
     prior = run.stages["prior"].result.eval_metrics
     assert {"recon_psnr", "codebook_usage"} <= set(tokenizer)
     assert 0 < tokenizer["codebook_usage"] <= 1 and tokenizer["recon_psnr"] > 5
-    assert {"val_loss", "sample_class_accuracy", "classifier_val_accuracy"} <= set(prior)
+    assert {"val_loss", "sample_class_accuracy", "classifier_val_accuracy", "classifier_recon_accuracy"} <= set(prior)
     assert 0 < prior["val_loss"] < torch.log(torch.tensor(32.0))  # better than a uniform guess over K = 32
     assert 0 <= prior["sample_class_accuracy"] <= 1 and 0 < prior["classifier_val_accuracy"] <= 1
-    for name in ("recon_psnr", "codebook_usage", "val_loss", "sample_class_accuracy"):
+    assert 0 <= prior["classifier_recon_accuracy"] <= 1
+    for name in ("recon_psnr", "codebook_usage", "val_loss", "sample_class_accuracy", "classifier_recon_accuracy"):
         assert name in SYSTEM.metric_meanings
 
 

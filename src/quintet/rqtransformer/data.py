@@ -212,6 +212,21 @@ def sample_class_accuracy(
     return float((predicted == class_ids).float().mean())
 
 
+@torch.no_grad()
+def reconstruction_class_accuracy(
+    tokenizer: RQVAE, classifier: ImageClassifier, images: ImageSet, *, count: int, batch_size: int = 128
+) -> float:
+    """Share of the first ``count`` validation images whose reconstructions (all D codes) the classifier
+    assigns to their class: the most ``sample_class_accuracy`` can reach through this tokenizer."""
+    count = min(count, images.count("val"))
+    correct = 0
+    for start in range(0, count, batch_size):
+        pixels, labels = images.batch("val", np.arange(start, min(start + batch_size, count)))
+        rebuilt = tokenizer.decode(tokenizer.encode(pixels.to(_device(tokenizer))))
+        correct += int((classifier.predict(rebuilt.cpu()) == labels).sum())
+    return correct / count
+
+
 def sample_grid(
     prior: Prior, tokenizer: RQVAE, recipe: RQRecipe, path: Path, *, seed: int
 ) -> tuple[Path, torch.Tensor | None]:

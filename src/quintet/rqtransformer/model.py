@@ -190,6 +190,8 @@ class RQTransformer(PretrainedModel):
             codes = torch.zeros(b, T, D, dtype=torch.long, device=device)
             scores = []
             spatial_cache = KVCache() if use_cache else None
+            # one depth cache, emptied at every position: its buffers are allocated once, not T times
+            depth_cache = KVCache() if use_cache else None
             spatial_inputs = None  # without a cache: u_1 .. u_t
             u = (start + spatial_pos[0])[:, None]
             for t in range(T):
@@ -201,7 +203,8 @@ class RQTransformer(PretrainedModel):
                     hidden = self.spatial(spatial_inputs, cond=cond, positions=self._rotary(0, t + 1))[:, -1]
 
                 # depth steps: the D codes of position t, each from v_{t,1} .. v_{t,d}
-                depth_cache = KVCache() if use_cache else None
+                if use_cache:
+                    depth_cache.crop(0)
                 depth_inputs = None
                 v = (hidden + depth_pos[0])[:, None]
                 code_sum = torch.zeros_like(hidden)
