@@ -51,3 +51,16 @@ def test_matmul_rate_is_measured_and_cached():
     rate = bench.matmul_flops_per_s(size=128)
     assert rate > 1e6
     assert bench.matmul_flops_per_s(size=128) == rate
+
+
+def test_checkpoint_io_times_a_write_and_a_load(tmp_path):
+    """The training suite's checkpoint timing runs against the Trainer's current state API (one process)."""
+    import json
+
+    from quintet.benchmarks import checkpoint_io
+
+    out = tmp_path / "io.json"
+    checkpoint_io.main("ddp", tmp_path / "run", out)
+    result = json.loads(out.read_text())
+    assert result["mode"] == "ddp" and result["processes"] == 1
+    assert result["write_s"] > 0 and result["load_s"] > 0 and result["checkpoint_bytes"] > 0

@@ -24,7 +24,7 @@ from quintet.training.distributed import barrier, setup_distributed, teardown_di
 from quintet.training.ema import WeightEMA
 from quintet.training.optim import build_optimizer, build_scheduler
 from quintet.training.parallel import is_sharded, wrap
-from quintet.training.state import RunState
+from quintet.training.state import RunState, restore_weights
 
 
 def main(mode: str, run_dir: Path, out: Path) -> None:
@@ -62,7 +62,7 @@ def main(mode: str, run_dir: Path, out: Path) -> None:
         write_s = time.perf_counter() - started
         started = time.perf_counter()
         saved = load_trainer_state(checkpoint)
-        state.restore_weights(checkpoint, saved)
+        restore_weights(model, {}, checkpoint, saved, device=context.device)  # whole weights; sharded: next line
         state.restore_progress(checkpoint, saved)
         barrier(context)
         load_s = time.perf_counter() - started
