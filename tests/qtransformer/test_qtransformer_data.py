@@ -148,6 +148,22 @@ def test_discretiser_round_trip():
         ActionDiscretiser.from_space(gym.spaces.Box(-1.0, 1.0, (2,)))
 
 
+def test_a_shifted_reward_scale_continues_terminated_returns_in_an_absorbing_state():
+    scaler = RewardScaler.for_discount(-10.0, 10.0, gamma=0.9)
+    assert scaler.terminal_value(0.9) == pytest.approx(0.5)  # raw 0 scales to 0.05 a step: 0.05 / (1 - 0.9)
+    assert RewardScaler(low=0.0, high=1.0).terminal_value(0.9) == 0.0  # success rewards: nothing to continue
+    with pytest.raises(ValueError, match="reward_scaler"):
+        RewardScaler(low=-1.0, high=1.0).terminal_value(0.9)  # 0.5 a step is worth 5 > 1
+    spec = ReplaySpec.for_discretiser(ActionDiscretiser.from_space(gym.spaces.Discrete(2)), scaler, 0.9)
+    assert spec.terminal_value == pytest.approx(0.5)
+    ended, cut = episode(3), episode(3, terminated=False)
+    ended.actions, cut.actions = ended.actions[:, :1] % 2, cut.actions[:, :1] % 2
+    returns = spec.step_arrays(ended)["returns_to_go"]
+    plain = discounted_returns(scaler(ended.rewards), 0.9)
+    np.testing.assert_allclose(returns, plain + 0.9 ** np.array([3, 2, 1]) * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(spec.step_arrays(cut)["returns_to_go"], plain, rtol=1e-6)  # truncated: bootstrapped
+
+
 def test_reward_scaler_bounds_discounted_returns():
     scaler = RewardScaler.for_discount(-1.0, 1.0, gamma=0.9)
     rewards = scaler(np.ones(500))

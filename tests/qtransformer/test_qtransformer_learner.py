@@ -45,6 +45,15 @@ def test_mc_lower_bound_and_n_step():
     torch.testing.assert_close(targets, expected)
 
 
+def test_a_termination_bootstraps_the_absorbing_value_of_a_shifted_reward_scale():
+    targets = td_targets(NEXT_Q_FIRST, Q_ALONG, REWARDS, DONES, gamma=GAMMA, terminal_value=0.5)
+    # the terminated sample continues in a state worth 0.5 (raw reward 0 forever); the other is unchanged
+    torch.testing.assert_close(targets, torch.tensor([[0.8, 0.1 + 0.9 * 0.7], [0.6, 0.9 * 0.5]]))
+    with pytest.raises(ValueError, match="terminal_value"):
+        model = QTransformer(QTransformerConfig(num_actions=1, action_bins=2, encoder=STATE, dim=16))
+        QLearner(model, terminal_value=2.0)
+
+
 def test_eq2_losses_hand_built():
     q = torch.tensor([[[0.5, 0.6, 0.1], [0.3, 0.8, 0.2]]])
     actions = torch.tensor([[1, 0]])
@@ -57,6 +66,8 @@ def test_eq2_losses_hand_built():
 
 
 # ---------------------------------------------------------------- with the model
+
+STATE = StateEncoderConfig(state_dim=3, dim=16, depth=1, num_tokens=2)
 
 
 def make(num_actions=2, text=False, seed=0) -> QTransformer:
@@ -153,8 +164,60 @@ def test_bad_batches():
     with pytest.raises(ValueError, match="rewards"):
         learner.loss(dict(data, rewards=data["rewards"][:3]))
     with pytest.raises(ValueError, match="n_step"):
-        QLearner(model, n_step=3).loss(data)
+        QLearner(model, n_step=3).loss(dict(data, rewards=data["rewards"][:, None].repeat(1, 2)))
+    # (b,) rewards are one-step transitions whatever the n-step horizon
+    torch.testing.assert_close(QLearner(model, n_step=3).targets(data), learner.targets(data))
     with pytest.raises(ValueError, match="next_obs"):
         learner.loss(dict(data, next_obs=data["next_obs"][:, :, :2]))
     with pytest.raises(ValueError, match="gamma"):
         QLearner(model, gamma=1.5)
+
+
+def count_training_flops(fn) -> float:
+    """FlopCounterMode's count of ``fn``, with its convolution backward counting groups: torch's formula
+    counts a depthwise conv's gradients as a dense conv's (``groups`` times too many), which its
+    forward formula does not."""
+    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+    from quintet.training.flops import _cpu_attention_flops
+
+    def conv_backward(grad_out_shape, x_shape, w_shape, *args, **kwargs) -> int:
+        output_mask = args[7]
+        return sum(output_mask[:2]) * conv_flop_count(x_shape, w_shape, grad_out_shape)
+
+    mapping = _cpu_attention_flops() | {torch.ops.aten.convolution_backward: conv_backward}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("tiny", {}),
+        ("tiny", {"num_actions": 1, "dueling": True}),
+        ("babyai-tiny", {}),
+        ("babyai-tiny", {"encoder_patch": 4}),
+    ],
+    ids=["states-2-dims", "states-1-dim-dueling", "pixels-conv-stem", "pixels-patch-stem"],
+)
+def test_batch_flops_formula_matches_a_count_of_the_training_step(preset, overrides):
+    """MFU's numerator: the Task's batch_flops within 10 % of what FlopCounterMode counts in a step
+    (the online forward + backward and the target network's forward)."""
+    from dataclasses import replace
+
+    from quintet.qtransformer.flops import training_step_flops
+    from quintet.qtransformer.system import QTransformerSystem
+
+    overrides = dict(overrides)
+    system = QTransformerSystem()
+    config = system.presets()[preset].stages[0].model_config
+    if "encoder_patch" in overrides:
+        config = replace(config, encoder=replace(config.encoder, patch_size=overrides.pop("encoder_patch")))
+    config = replace(config, **overrides)
+    torch.manual_seed(0)
+    model = QTransformer(config)
+    learner = QLearner(model)
+    example = system.example_batch(model, batch_size=6, generator=torch.Generator().manual_seed(0))
+    counted = count_training_flops(lambda: learner.loss(example)[0].backward())
+    assert counted == pytest.approx(training_step_flops(config, example), rel=0.1)

@@ -178,6 +178,8 @@ def test_bad_configs():
         QTransformerConfig(num_actions=2, action_bins=1, encoder=STATE, dim=16)
     with pytest.raises(ValueError, match="dim_head"):
         MaxViTConfig(dim_head=6)
+    with pytest.raises(ValueError, match="mbconv_norm"):
+        MaxViTConfig(mbconv_norm="layer")
 
 
 def test_image_size_checked():

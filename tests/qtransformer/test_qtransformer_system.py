@@ -1,3 +1,4 @@
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -39,9 +40,34 @@ def test_presets_follow_the_registry_contract(tmp_path):
 def test_make_task_generates_no_data_until_training_starts(tmp_path, monkeypatch):
     monkeypatch.setenv("QUINTET_CACHE", str(tmp_path))
     system = QTransformerSystem()
-    for name in ("tiny", "lunarlander-offline"):
+    for name in ("tiny", "lunarlander-offline", "babyai-tiny"):
         task = task_of(system, system.presets()[name])
         assert task.evaluate is not None and not any(tmp_path.iterdir()), name
+
+
+def test_cached_datasets_are_named_by_seed_and_written_atomically_by_one_of_racing_processes(tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setenv("QUINTET_CACHE", str(tmp_path))
+    rl = replace(CARTPOLE_RL, initial_episodes=2, collect_envs=1)
+    config = CARTPOLE
+    paths = {seed: random_dataset(rl, config, "race", seed=seed).path for seed in (0, 1)}
+    assert paths[0] != paths[1] and "seed0" in paths[0].name and "seed1" in paths[1].name
+    first = np.load(paths[0] / "observations.npy")
+    shutil.rmtree(paths[0])
+    context = multiprocessing.get_context("fork")
+    with context.Pool(2) as pool:  # two processes generate the same dataset at once
+        raced = pool.starmap(_race, [(str(tmp_path), seed) for seed in (0, 0)])
+    assert raced == [str(paths[0])] * 2 and np.array_equal(np.load(paths[0] / "observations.npy"), first)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def _race(cache: str, seed: int) -> str:
+    import os
+
+    os.environ["QUINTET_CACHE"] = cache
+    rl = replace(CARTPOLE_RL, initial_episodes=2, collect_envs=1)
+    return str(random_dataset(rl, CARTPOLE, "race", seed=seed).path)
 
 
 def test_registered_on_import():
@@ -53,12 +79,15 @@ def test_task_batches_are_deterministic_and_train(tmp_path, monkeypatch):
     system = QTransformerSystem()
     preset = system.presets()["cartpole"]
     rl = replace(CARTPOLE_RL, initial_episodes=4)
-    dataset = random_dataset(rl, preset.stages[0].model_config, tmp_path / "random")
+    dataset = random_dataset(rl, preset.stages[0].model_config, "cartpole")
     assert isinstance(dataset, ReplayDataset) and dataset.num_episodes == 4
-    task = task_of(system, preset, data=str(tmp_path / "random"))
+    assert random_dataset(rl, preset.stages[0].model_config, "cartpole").path == dataset.path  # cached
+    task = task_of(system, preset, data=str(dataset.path))
     first, again = task.train_batch(3), task.train_batch(3)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["obs"], task.train_batch(4)["obs"])
+    half = {key: value[: len(value) // 2] for key, value in first.items()}
+    assert task.batch_flops(first) == pytest.approx(2 * task.batch_flops(half))  # MFU: linear in the batch
     assert set(task.extra_state) == {"target"}
     target_before = [p.clone() for p in task.extra_state["target"].parameters()]
     optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-3)
@@ -194,7 +223,8 @@ def test_tiny_preset_trains_end_to_end_with_stacked_frames(tmp_path, monkeypatch
     assert task.train_batch(0)["obs"].shape[1] == stage.model_config.frames == 2
 
 
-def test_online_rounds_under_two_processes_collect_the_same_data_and_stay_in_lockstep(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_online_rounds_under_two_processes_collect_the_same_data_and_stay_in_lockstep(tmp_path, parallel):
     import os
     import subprocess
     import sys
@@ -203,10 +233,13 @@ def test_online_rounds_under_two_processes_collect_the_same_data_and_stay_in_loc
     worker = Path(__file__).with_name("online_worker.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=180, env=env)
+    done = subprocess.run([*command, str(tmp_path), parallel], capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)  # weights and (whole) target networks
+    # the target network moved towards the online weights (under FSDP: from the gathered shards)
+    moved = [k for k in rank0 if k.startswith("target.") and not torch.equal(rank0[k], rank0[f"start.{k[7:]}"])]
+    assert moved
     replay = tmp_path / "run" / "replay"
     for name in ("round-0000", "round-0001", "round-0002"):
         a, b = (np.load(replay / rank / name / "observations.npy") for rank in ("rank-0", "rank-1"))

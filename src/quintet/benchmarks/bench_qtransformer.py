@@ -1,4 +1,6 @@
-"""Q-Transformer benchmarks: greedy decoding (cached vs uncached decoder), training step, collection.
+"""Q-Transformer benchmarks: greedy decoding (cached vs uncached decoder), training step, collection, and
+the pixel + instruction path (issue 14): training samples/s and peak memory with 64 x 64 RGB
+observations of 2 frames at batch 64, greedy acting latency per step at batch 1 and 16.
 
 ``python -m quintet.bench qtransformer``. Ratios: ``cached_speedup_b1`` / ``cached_speedup_b32``
 (uncached / cached decode time at 8 action dimensions x 256 bins with the paper's decoder width;
@@ -11,14 +13,16 @@ once either way, plus per-call overhead), so the speed-up shows at batch 32.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quintet.bench import time_fn
+from quintet.bench import peak_memory, time_fn
 from quintet.qtransformer import (
     ActionDiscretiser,
     QLearner,
@@ -29,6 +33,7 @@ from quintet.qtransformer import (
     collect_episodes,
 )
 from quintet.qtransformer.envs import greedy_policy, make_env
+from quintet.qtransformer.presets import BABYAI
 from quintet.qtransformer.system import QTransformerSystem
 
 DECODERS = {
@@ -144,6 +149,61 @@ def bench_collection(quick: bool) -> dict:
     return results
 
 
+def image_model() -> QTransformer:
+    """The ``babyai`` preset's model on 64 x 64 views (MaxViT windows of 8: 2 x 2 windows of its 16 x 16 map)."""
+    torch.manual_seed(0)
+    encoder = replace(BABYAI.encoder, window_size=8)
+    return QTransformer(replace(BABYAI, encoder=encoder, frames=2))
+
+
+def bench_images(quick: bool) -> dict:
+    """One optimizer step of Q-learning on 64 x 64 x 2-frame RGB observations with instructions at batch
+    64 (target pass, loss, backward, AdamW, target EMA), and greedy acting at batch 1 and 16."""
+    model = image_model().train()
+    learner = QLearner(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    batch_size, size = 64, 64
+    words = model.tokenize(["go to the red ball", "open the blue door", "pick up a key", "go to a grey box"] * 16)
+    batch = {
+        "obs": torch.rand(batch_size, 3, 2, size, size, generator=generator),
+        "next_obs": torch.rand(batch_size, 3, 2, size, size, generator=generator),
+        "actions": torch.randint(model.config.action_bins, (batch_size,), generator=generator),
+        "rewards": (torch.rand(batch_size, generator=generator) < 0.1).float(),
+        "dones": torch.rand(batch_size, generator=generator) < 0.1,
+        "returns_to_go": torch.rand(batch_size, generator=generator),
+        "text_ids": words,
+    }
+
+    def step():
+        loss, _ = learner.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        learner.update_target()
+
+    step_s = time_fn(step, min_run_time=1.0 if quick else 5.0)
+    peak = peak_memory(step)
+    model.eval()
+    acting = {}
+    for acting_batch in (1, 16):
+        obs = torch.rand(acting_batch, 3, 2, size, size, generator=generator)
+        ids = words[:acting_batch]
+        act = functools.partial(model.get_optimal_actions, obs, text_ids=ids)
+        seconds = time_fn(act, min_run_time=0.5 if quick else 2.0)
+        acting[f"b{acting_batch}"] = {"ms_per_step": seconds * 1e3, "steps_per_s_per_env": acting_batch / seconds}
+    return {
+        "config": f"babyai preset model on 64 x 64 RGB, 2 frames, {model.config.action_bins} bins, "
+        "bag-of-words instruction encoder",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_batch": batch_size,
+        "train_step_ms": step_s * 1e3,
+        "train_samples_per_s": batch_size / step_s,
+        "train_peak_memory_mb": None if peak is None else peak / 2**20,
+        "greedy_acting": acting,
+    }
+
+
 def run(quick: bool = False) -> dict:
     # one thread: on a shared few-core machine, OpenMP threads competing with other processes make
     # small-kernel timings swing by 10x; single-threaded numbers are stable and comparable
@@ -152,6 +212,7 @@ def run(quick: bool = False) -> dict:
     try:
         torch.manual_seed(0)
         decoding = bench_decoding(quick)
+        images = bench_images(quick)
         return {
             "config": "8 action dims x 256 bins, 48 frame tokens of context; decoders: "
             + ", ".join(f"{name} (dim {shape['dim']}, {shape['depth']} layers)" for name, shape in DECODERS.items()),
@@ -159,7 +220,15 @@ def run(quick: bool = False) -> dict:
             "decoding": decoding,
             "training_step": bench_training_step(quick),
             "collection": bench_collection(quick),
+            "images": images,
             "ratios": {
+                "image_train_samples_per_s": images["train_samples_per_s"],
+                "image_acting_ms_b1": images["greedy_acting"]["b1"]["ms_per_step"],
+                "image_acting_ms_b16": images["greedy_acting"]["b16"]["ms_per_step"],
+                # how much cheaper per env a step of 16 envs acting together is than 16 single steps
+                "image_acting_batching_gain_b16": 16
+                * images["greedy_acting"]["b1"]["ms_per_step"]
+                / images["greedy_acting"]["b16"]["ms_per_step"],
                 "cached_speedup_b1": decoding["paper"]["b1"]["speedup"],
                 "cached_speedup_b32": decoding["paper"]["b32"]["speedup"],
                 "small_decoder_cached_speedup_b1": decoding["small"]["b1"]["speedup"],

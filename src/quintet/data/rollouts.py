@@ -62,6 +62,7 @@ def rollout(
     frames: int = 1,
     attributes: Attributes | None = None,
     policy_sees_attributes: bool = False,
+    reset_options: dict | None = None,
 ) -> list[Episode]:
     """Run ``n`` episodes of ``env`` (an Env, or a list stepped in lockstep, batching the policy).
 
@@ -73,6 +74,7 @@ def rollout(
     - ``max_steps`` truncates longer episodes; ``attributes`` become every episode's attributes.
     - ``policy_sees_attributes``: call ``policy(observations, attributes)`` with each row's episode
       attributes (a list of dicts): an instruction-following policy reads its instruction there.
+    - ``reset_options`` go to every ``env.reset(seed=..., options=...)``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected an integer >= 1 episodes, got {n!r}")
@@ -90,7 +92,7 @@ def rollout(
 
     def start(slot: int) -> None:
         nonlocal next_seed
-        observation, info = envs[slot].reset(seed=next_seed)
+        observation, info = envs[slot].reset(seed=next_seed, options=reset_options)
         next_seed += 1
         extra = attributes(observation, info) if callable(attributes) else attributes
         active[slot] = {

@@ -8,7 +8,8 @@ Episodes are stored once, one way, by :mod:`quintet.data.episodes` (memory-mappe
   ``(T, d)`` and derives ``returns_to_go (T,)`` (discounted, of the scaled rewards);
 - :class:`ReplayDataset`, a view of a store written with a ``ReplaySpec`` whose ``batch`` /
   ``sample`` give what :class:`~quintet.qtransformer.learner.QLearner` trains on (frame stacking,
-  n-step windows); an optional per-episode ``text_embed`` attribute becomes ``text_embeds``;
+  n-step windows); a per-episode ``text_embed`` attribute becomes ``text_embeds``, an
+  ``instruction`` string attribute ``text_ids`` or ``text_embeds`` through an instruction featurizer;
 - gymnasium rollouts that act in bins, and Minari import / export with the discretisation.
 
 Shape glossary: ``E`` episodes, ``T`` transitions, ``b`` batch, ``f`` frames, ``d`` action
@@ -116,29 +117,75 @@ class ActionDiscretiser:
 
 @dataclass(frozen=True)
 class RewardScaler:
-    """Affine map of raw rewards in ``[low, high]`` onto ``[0, scale]`` (clipped).
+    """Affine map of raw rewards: ``[low, high]`` onto ``[0, scale]``, raw rewards clipped to ``clip``
+    (default ``(low, high)``).
 
     Q-values are sigmoids in [0, 1]. Sparse success rewards need ``scale=1``; dense rewards use
-    :meth:`for_discount`, ``scale = 1 - gamma``, so that every discounted return lies in [0, 1].
+    :meth:`for_discount` (``scale = 1 - gamma``: every discounted return lies in [0, 1]) or
+    :meth:`for_returns` (the discounted returns the data reaches span [0, 1]: finer Q resolution).
     """
 
     low: float
     high: float
     scale: float = 1.0
+    clip: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.low < self.high:
             raise ValueError(f"low/high: expected low < high, got {self.low} / {self.high}")
         if not 0 < self.scale <= 1:
             raise ValueError(f"scale: expected a value in (0, 1], got {self.scale}")
+        if self.clip is not None and (len(self.clip) != 2 or not self.clip[0] < self.clip[1]):
+            raise ValueError(f"clip: expected raw bounds (low, high) with low < high, got {self.clip!r}")
 
     @classmethod
     def for_discount(cls, low: float, high: float, gamma: float) -> RewardScaler:
         return cls(low=low, high=high, scale=1.0 - gamma)
 
+    @classmethod
+    def for_returns(
+        cls, low: float, high: float, gamma: float, *, clip: tuple[float, float] | None = None
+    ) -> RewardScaler:
+        """Discounted returns in ``[low, high]`` onto [0, 1] (``low <= 0 <= high``): each step's reward
+        ``r -> (r - (1 - gamma) low) / (high - low)``, negative for rewards below ``(1 - gamma) low``.
+
+        With :meth:`terminal_value` continuing terminated episodes, a return ``G`` of any length maps
+        to ``(G - low) / (high - low)``: the whole Q range serves the returns that occur, where
+        :meth:`for_discount` over a wide per-step range squeezes them into a sliver of it.
+        """
+        if not low <= 0.0 <= high or not low < high:
+            raise ValueError(f"low/high: expected a return range low <= 0 <= high, got {low} / {high}")
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"gamma: expected a discount in [0, 1), got {gamma!r}")
+        span = 1.0 - gamma
+        return cls(low=span * low, high=span * high, scale=span, clip=clip or (-float("inf"), float("inf")))
+
     def __call__(self, rewards: np.ndarray) -> np.ndarray:
         rewards = np.asarray(rewards, dtype=np.float64)
-        return (np.clip(rewards, self.low, self.high) - self.low) / (self.high - self.low) * self.scale
+        clip_low, clip_high = self.clip if self.clip is not None else (self.low, self.high)
+        return (np.clip(rewards, clip_low, clip_high) - self.low) / (self.high - self.low) * self.scale
+
+    def terminal_value(self, gamma: float) -> float:
+        """The scaled value of what follows a termination: raw reward 0 forever, ``scaled(0) / (1 - gamma)``.
+
+        The affine map adds ``scaled(0)`` to every step's reward. Bootstrapping a termination with 0
+        would then reward long episodes for their length alone (LunarLander's scale pays 0.5 of the
+        scaled range per step for hovering, more than the landing bonus); continuing the terminated
+        episode in an absorbing state that keeps paying ``scaled(0)`` restores the ranking of the raw
+        returns. 0 for rewards scaled from ``low = 0`` (success rewards, CartPole).
+        """
+        shift = float(self(np.array(0.0)))
+        if shift == 0.0:
+            return 0.0
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"gamma: a shifted reward scale needs a discount below 1, got {gamma!r}")
+        value = shift / (1.0 - gamma)
+        if value > 1.0 + 1e-9:
+            raise ValueError(
+                f"reward_scaler: raw reward 0 scales to {shift:g} per step, worth {value:g} > 1 forever at gamma "
+                f"{gamma:g}; Q-values lie in [0, 1] (use RewardScaler.for_discount)"
+            )
+        return min(value, 1.0)
 
 
 
@@ -163,7 +210,8 @@ class ReplaySpec(EpisodeSpec):
     """How Q-learning episodes are written: actions are bins ``(T, d)`` in ``[0, action_bins)``;
     ``returns_to_go`` are the discounted returns of the ``reward_scaler``-scaled rewards.
 
-    ``discretiser`` maps bins back to env actions (rollouts, Minari export); ``env_id`` names the env.
+    ``discretiser`` maps bins back to env actions (rollouts, Minari export); ``env_id`` names the env;
+    ``terminal_value`` continues terminated episodes' returns (``RewardScaler.terminal_value``).
     """
 
     reward_scaler: RewardScaler
@@ -171,11 +219,13 @@ class ReplaySpec(EpisodeSpec):
     action_bins: int
     discretiser: ActionDiscretiser | None = None
     env_id: str | None = None
+    terminal_value: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.reward_scaler, RewardScaler):
             raise TypeError(f"reward_scaler: expected a RewardScaler, got {type(self.reward_scaler).__name__}")
         check_number(self.gamma, "gamma", low=0.0, high=1.0)
+        check_number(self.terminal_value, "terminal_value", low=0.0, high=1.0)
         check_int(self.action_bins, "action_bins", minimum=2)
         if self.discretiser is not None:
             if not isinstance(self.discretiser, ActionDiscretiser):
@@ -195,6 +245,7 @@ class ReplaySpec(EpisodeSpec):
             action_bins=discretiser.bins,
             discretiser=discretiser,
             env_id=env_id,
+            terminal_value=reward_scaler.terminal_value(gamma),
         )
 
     def check(self, episode: Episode) -> None:
@@ -212,18 +263,27 @@ class ReplaySpec(EpisodeSpec):
 
     def step_arrays(self, episode: Episode) -> dict[str, np.ndarray]:
         returns = discounted_returns(self.reward_scaler(episode.rewards), self.gamma)
+        if self.terminal_value and episode.terminated[-1]:
+            returns = returns + self.gamma ** np.arange(episode.length, 0, -1) * self.terminal_value
         return {"returns_to_go": returns.astype(np.float32)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ReplaySpec:
         discretiser = data.get("discretiser")
         return cls(
-            reward_scaler=RewardScaler(**data["reward_scaler"]),
+            reward_scaler=_scaler_from_json(data["reward_scaler"]),
             gamma=data["gamma"],
             action_bins=data["action_bins"],
             discretiser=None if discretiser is None else _discretiser_from_json(discretiser),
             env_id=data.get("env_id"),
+            terminal_value=data.get("terminal_value", 0.0),
         )
+
+
+def _scaler_from_json(data: dict[str, Any]) -> RewardScaler:
+    clip = data.get("clip")
+    clip = None if clip is None else tuple(clip)
+    return RewardScaler(low=data["low"], high=data["high"], scale=data["scale"], clip=clip)
 
 
 def _discretiser_from_json(data: dict[str, Any]) -> ActionDiscretiser:
@@ -241,9 +301,19 @@ class ReplayDataset(EpisodeStore):
 
     ``frames`` stacks the last ``frames`` observations (repeating an episode's first one at its
     start); ``n_step > 1`` yields ``rewards (b, n)``, zero past the episode end, with ``horizon``.
+    ``instructions`` maps instruction strings to their features, ``(k, L)`` word ids (batches get
+    ``text_ids``: ``model.tokenize``) or ``(k, e)`` embeddings (``text_embeds``: a frozen sentence
+    encoder); each distinct instruction of the store's ``instruction`` attribute is featurized once.
     """
 
-    def __init__(self, path: str | os.PathLike, *, frames: int = 1, n_step: int = 1):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        frames: int = 1,
+        n_step: int = 1,
+        instructions: Callable[[list[str]], torch.Tensor] | None = None,
+    ):
         super().__init__(path)
         for name, value in (("frames", frames), ("n_step", n_step)):
             check_int(value, name, minimum=1)
@@ -260,6 +330,28 @@ class ReplayDataset(EpisodeStore):
         self.returns_to_go = self.step_arrays["returns_to_go"]
         self.text_embeds = self.attributes.get("text_embed")
         self.image = self.observations.ndim == 4
+        self.instruction_features: torch.Tensor | None = None
+        if instructions is not None:
+            self.instruction_features = self._featurize(instructions)
+
+    def _featurize(self, instructions: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
+        """Features of every episode's instruction ``(E, ...)``, computed once per distinct instruction."""
+        if "instruction" not in self.attributes:
+            raise ValueError(f"instructions: {self.path} has no 'instruction' attribute to featurize")
+        unique, inverse = np.unique(np.asarray(self.attributes["instruction"]), return_inverse=True)
+        features = instructions([str(text) for text in unique])
+        if not isinstance(features, torch.Tensor) or features.ndim != 2 or len(features) != len(unique):
+            raise ValueError(
+                f"instructions: expected a ({len(unique)}, L) or ({len(unique)}, e) tensor for {len(unique)} "
+                f"instructions, got {getattr(features, 'shape', type(features).__name__)}"
+            )
+        return features.cpu()[torch.from_numpy(inverse.reshape(-1))]
+
+    def instructions(self) -> list[str]:
+        """Every episode's instruction (the ``instruction`` attribute)."""
+        if "instruction" not in self.attributes:
+            raise ValueError(f"instructions: {self.path} has no 'instruction' attribute")
+        return [str(text) for text in self.attributes["instruction"]]
 
     @classmethod
     def write(
@@ -270,12 +362,14 @@ class ReplayDataset(EpisodeStore):
         *,
         frames: int = 1,
         n_step: int = 1,
+        instructions: Callable[[list[str]], torch.Tensor] | None = None,
     ) -> ReplayDataset:
         """Write ``episodes`` (actions as bins) with ``spec`` to the folder ``path``, replacing a store
-        there, and open it with ``frames`` / ``n_step``."""
+        there, and open it with ``frames`` / ``n_step`` / ``instructions``."""
         if not isinstance(spec, ReplaySpec):
             raise TypeError(f"spec: expected a ReplaySpec, got {type(spec).__name__}")
-        return cls(write_episodes(path, episodes, spec, env_id=spec.env_id), frames=frames, n_step=n_step)
+        path = write_episodes(path, episodes, spec, env_id=spec.env_id)
+        return cls(path, frames=frames, n_step=n_step, instructions=instructions)
 
     @property
     def action_bins(self) -> int:
@@ -319,7 +413,10 @@ class ReplayDataset(EpisodeStore):
             batch["rewards"] = batch["rewards"][:, 0]
         else:
             batch["horizon"] = torch.from_numpy(horizon)
-        if self.text_embeds is not None:
+        if self.instruction_features is not None:
+            features = self.instruction_features[torch.from_numpy(episode)]
+            batch["text_embeds" if features.is_floating_point() else "text_ids"] = features
+        elif self.text_embeds is not None:
             batch["text_embeds"] = torch.from_numpy(np.asarray(self.text_embeds[episode], dtype=np.float32))
         return batch
 
@@ -345,16 +442,25 @@ def rollout(
     max_steps: int | None = None,
     text_embed: np.ndarray | None = None,
     frames: int = 1,
+    attributes: rollouts.Attributes | None = None,
+    policy_sees_attributes: bool = False,
+    reset_options: dict | None = None,
 ) -> list[Episode]:
     """Run ``n`` episodes (seeds ``seed, seed + 1, ...``) with a policy that acts in bins, stored as bins
     and sent to the env through ``discretiser``; several envs step in lockstep, batching the policy.
 
     ``frames > 1`` shows the policy each env's last ``frames`` observations, the episode's first one
-    repeated before it has that many (the stacking :class:`ReplayDataset` trains on).
+    repeated before it has that many (the stacking :class:`ReplayDataset` trains on). ``attributes``,
+    ``policy_sees_attributes`` and ``reset_options`` are :func:`quintet.data.rollout`'s (an
+    instruction-following policy reads each episode's instruction from its attributes).
     """
+    if text_embed is not None:
+        if attributes is not None:
+            raise ValueError("text_embed: give it as attributes={'text_embed': ...} when attributes are given")
+        attributes = {"text_embed": np.asarray(text_embed)}
 
-    def bins_policy(observations: np.ndarray) -> np.ndarray:
-        bins = np.asarray(policy(observations))
+    def bins_policy(observations: np.ndarray, *context) -> np.ndarray:
+        bins = np.asarray(policy(observations, *context))
         if bins.shape != (len(observations), discretiser.num_actions) or not np.issubdtype(bins.dtype, np.integer):
             raise ValueError(
                 f"policy: expected integer bins ({len(observations)}, {discretiser.num_actions}), "
@@ -370,7 +476,9 @@ def rollout(
         seed=seed,
         max_steps=max_steps,
         frames=frames,
-        attributes=None if text_embed is None else {"text_embed": np.asarray(text_embed)},
+        attributes=attributes,
+        policy_sees_attributes=policy_sees_attributes,
+        reset_options=reset_options,
     )
 
 
@@ -442,10 +550,12 @@ def from_minari(
 
 def to_minari(replay: ReplayDataset, dataset_id: str, *, env: Any = None, **metadata: Any) -> Any:
     """Export ``replay`` as a Minari dataset (arrow format) named ``dataset_id``; actions leave as the
-    environment values of their bins. ``env`` (an Env, id or spec) defaults to the logged env id."""
+    environment values of their bins, string attributes (an ``instruction``) as text parts of Dict
+    observations. ``env`` (an Env, id or spec) defaults to the logged env id."""
     if not isinstance(replay, ReplayDataset):
         raise TypeError(f"replay: expected a ReplayDataset, got {type(replay).__name__}")
     if replay.discretiser is None:
         raise ValueError("replay: has no action discretiser, its bins cannot be mapped back to env actions")
     metadata.setdefault("algorithm_name", "quintet.qtransformer")
-    return write_minari(replay, dataset_id, env=env, actions=replay.discretiser.from_bins, **metadata)
+    texts = tuple(name for name, values in replay.attributes.items() if values.dtype.kind == "U")
+    return write_minari(replay, dataset_id, env=env, actions=replay.discretiser.from_bins, texts=texts, **metadata)

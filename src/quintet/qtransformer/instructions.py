@@ -18,48 +18,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from quintet.core import RMSNorm, Transformer
-from quintet.core.validation import check_ids, check_int
+from quintet.core.validation import check_ids
+from quintet.qtransformer.config import InstructionEncoderConfig
 
 PAD, UNKNOWN = 0, 1
 """word ids 0 and 1: padding and a word outside the vocabulary; the vocabulary's words follow"""
-BABYAI_WORDS = (
-    "go to the a pick up open put next you then after and behind in front of on your left right "
-    "red green blue purple yellow grey ball box key door object"
-).split()
-"""every word of the BabyAI grammar's missions"""
 _WORD = re.compile(r"[a-z]+")
-
-
-@dataclass(frozen=True, kw_only=True)
-class InstructionEncoderConfig:
-    """A word-level transformer encoder of instructions, mean-pooled into one ``dim`` vector."""
-
-    vocab: tuple[str, ...] = tuple(BABYAI_WORDS)
-    max_words: int = 16
-    """longer instructions are cut to their first ``max_words`` words"""
-    dim: int = 32
-    depth: int = 1
-    heads: int = 2
-    dim_head: int = 16
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.vocab, tuple) or not self.vocab or not all(_WORD.fullmatch(w) for w in self.vocab):
-            raise ValueError("vocab: expected a non-empty tuple of lower-case words")
-        if len(set(self.vocab)) != len(self.vocab):
-            raise ValueError("vocab: words must be distinct")
-        for name in ("max_words", "dim", "heads", "dim_head"):
-            check_int(getattr(self, name), name)
-        check_int(self.depth, "depth", minimum=0)
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab) + 2
 
 
 class InstructionEncoder(nn.Module):
@@ -100,24 +69,44 @@ class HFSentenceEncoder:
     """A frozen Hugging Face encoder: instructions -> mean-pooled last hidden states ``(b, e)``.
 
     ``model``: a local folder or a hub id already in the local cache (``local_files_only``: no
-    download). Embeddings are cached per instruction string.
+    download), loaded on first use. ``dim``: the hidden size the caller expects (checked on load).
+    Embeddings are cached per instruction string.
     """
 
-    def __init__(self, model: str, *, device: str | torch.device = "cpu", max_length: int = 32):
+    def __init__(
+        self, model: str, *, dim: int | None = None, device: str | torch.device = "cpu", max_length: int = 32
+    ):
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model: expected a Hugging Face model folder or id, got {model!r}")
+        self.name, self.expected_dim = model, dim
+        self.device, self.max_length = torch.device(device), max_length
+        self._tokenizer = self._model = None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _load(self) -> None:
         try:
             from transformers import AutoModel, AutoTokenizer
         except ImportError as error:  # pragma: no cover - the hf extra is part of the dev install
-            raise ImportError("model: a Hugging Face encoder needs the 'hf' extra (pip install quintet[hf])") from error
-        self.name = str(model)
+            raise ImportError("text_encoder: a Hugging Face encoder needs the 'hf' extra") from error
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.name, local_files_only=True)
-            self.model = AutoModel.from_pretrained(self.name, local_files_only=True).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(self.name, local_files_only=True)
+            model = AutoModel.from_pretrained(self.name, local_files_only=True).to(self.device).eval()
         except OSError as error:
-            raise ValueError(f"model: cannot load {self.name!r} from local files ({error})") from error
-        self.model.requires_grad_(False)
-        self.device, self.max_length = torch.device(device), max_length
-        self.dim = int(self.model.config.hidden_size)
-        self._cache: dict[str, torch.Tensor] = {}
+            raise ValueError(f"text_encoder: cannot load {self.name!r} from local files ({error})") from error
+        hidden = int(model.config.hidden_size)
+        if self.expected_dim is not None and hidden != self.expected_dim:
+            raise ValueError(
+                f"text_encoder: {self.name!r} has hidden size {hidden}, the model's text_embed_dim is "
+                f"{self.expected_dim}"
+            )
+        model.requires_grad_(False)
+        self._tokenizer, self._model = tokenizer, model
+
+    @property
+    def dim(self) -> int:
+        if self._model is None:
+            self._load()
+        return int(self._model.config.hidden_size)
 
     @torch.no_grad()
     def __call__(self, instructions: Sequence[str]) -> torch.Tensor:
@@ -125,12 +114,14 @@ class HFSentenceEncoder:
             raise TypeError("instructions: expected a sequence of strings")
         missing = sorted({text for text in instructions if text not in self._cache})
         if missing:
-            tokens = self.tokenizer(
+            if self._model is None:
+                self._load()
+            tokens = self._tokenizer(
                 missing, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             ).to(self.device)
-            hidden = self.model(**tokens).last_hidden_state
+            hidden = self._model(**tokens).last_hidden_state
             mask = tokens["attention_mask"][..., None].to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # mean over real tokens
             self._cache.update(zip(missing, pooled.float().cpu()))
         if not instructions:
             return torch.zeros(0, self.dim)

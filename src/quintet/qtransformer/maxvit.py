@@ -12,10 +12,10 @@ height/width, ``w1``/``w2`` positions inside a window, ``d`` features, ``e`` tex
 from __future__ import annotations
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
-from quintet.core import Attention, FeedForward, RMSNorm, RotaryEmbedding
+from quintet.core import Attention, FeedForward, RMSNorm, RotaryEmbedding, SinusoidalPositions
 from quintet.core.validation import check_tensor
 from quintet.qtransformer.config import MaxViTConfig
 
@@ -63,7 +63,11 @@ class MBConv(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, *, downsample: bool, config: MaxViTConfig):
         super().__init__()
         hidden = int(config.mbconv_expansion_rate * dim_out)
-        norm = ChannelRMSNorm if config.use_layernorm else nn.BatchNorm2d
+        norm = {
+            "instance": lambda channels: nn.GroupNorm(channels, channels),
+            "channel_rms": ChannelRMSNorm,
+            "batch": nn.BatchNorm2d,
+        }[config.mbconv_norm]
         self.net = nn.Sequential(
             nn.Conv2d(dim_in, hidden, 1),
             norm(hidden),
@@ -133,19 +137,26 @@ class MaxViT(nn.Module):
         super().__init__()
         self.config, self.dim_cond = config, dim_cond
         stem = config.dim_conv_stem or config.dim
-        self.conv_stem = nn.Sequential(
-            nn.Conv2d(config.channels, stem, 3, stride=2, padding=1), nn.Conv2d(stem, stem, 3, padding=1)
-        )
+        if config.patch_size is None:
+            self.conv_stem = nn.Sequential(
+                nn.Conv2d(config.channels, stem, 3, stride=2, padding=1), nn.Conv2d(stem, stem, 3, padding=1)
+            )
+        else:  # patch embedding: one position per patch, seeing that patch only (ViT's stem)
+            self.conv_stem = nn.Conv2d(config.channels, stem, config.patch_size, stride=config.patch_size)
         dims = [stem] + [config.dim * 2**s for s in range(len(config.depth))]
         self.blocks = nn.ModuleList()
         for stage, stage_depth in enumerate(config.depth):
             for index in range(stage_depth):
                 dim_in = dims[stage] if index == 0 else dims[stage + 1]
+                downsample = index == 0 and not (stage == 0 and config.patch_size is not None)
                 self.blocks.append(
-                    MaxViTBlock(dim_in, dims[stage + 1], downsample=index == 0, config=config, dim_cond=dim_cond)
+                    MaxViTBlock(dim_in, dims[stage + 1], downsample=downsample, config=config, dim_cond=dim_cond)
                 )
         self.embed_dim = config.embed_dim
+        # the instruction also modulates the output map: what the TokenLearner pools is what it names
+        self.film_out = FiLM(dim_cond, config.embed_dim) if dim_cond and config.film_output else None
         self.rotary = RotaryEmbedding(config.dim_head, axes=2)
+        self.positions = SinusoidalPositions(config.embed_dim // 2) if config.absolute_positions else None
         self.register_buffer("window_positions", RotaryEmbedding.grid(config.window_size, config.window_size), False)
 
     def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -162,4 +173,11 @@ class MaxViT(nn.Module):
         x = self.conv_stem(images)
         for block in self.blocks:
             x = block(x, rotary, cond)
+        if self.film_out is not None:
+            x = self.film_out(x, cond)
+        if self.positions is not None:  # rows on the first half of the channels, columns on the second
+            h, w = x.shape[-2:]
+            rows = repeat(self.positions(h), "h c -> c h w", w=w)
+            cols = repeat(self.positions(w), "w c -> c h w", h=h)
+            x = x + torch.cat((rows, cols)).to(x.dtype)
         return x

@@ -29,6 +29,7 @@ from torch import nn
 from quintet.core import ConditionedNorm, KVCache, PretrainedModel, RMSNorm, SinusoidalPositions, Transformer
 from quintet.core.validation import check_ids, check_tensor
 from quintet.qtransformer.config import MaxViTConfig, QTransformerConfig, StateEncoderConfig
+from quintet.qtransformer.instructions import InstructionEncoder
 from quintet.qtransformer.maxvit import MaxViT
 from quintet.qtransformer.token_learner import TokenLearner
 
@@ -193,7 +194,7 @@ def _eval_mode(module: nn.Module):
 
 
 class QTransformer(PretrainedModel):
-    """``model(obs, actions=None, text_embeds=None, cond_scale=1.0)`` -> Q-values in [0, 1].
+    """``model(obs, actions=None, text_embeds=None, cond_scale=1.0, text_ids=None)`` -> Q-values in [0, 1].
 
     - ``obs``: images ``(b, c, f, h, w)`` or states ``(b, f, s)``, ``f <= config.frames``.
     - ``actions``: bins ``(b, k)`` (``(b,)`` for one dimension). Several dimensions return
@@ -202,6 +203,8 @@ class QTransformer(PretrainedModel):
     - ``text_embeds (b, e)``: required exactly when ``condition_on_text``. In training, each is
       replaced by a learned null embedding with probability ``cond_drop_prob``; ``cond_scale != 1``
       applies classifier-free guidance ``null + cond_scale * (text - null)`` to the Q logits.
+    - ``text_ids (b, L)``: instead of ``text_embeds``, the instruction's word ids
+      (:meth:`tokenize`) for a model with its own ``instruction_encoder``.
     """
 
     config_class = QTransformerConfig
@@ -226,6 +229,9 @@ class QTransformer(PretrainedModel):
             dropout=config.dropout,
         )
         self.null_text_embed = nn.Parameter(torch.zeros(config.text_embed_dim)) if dim_cond else None
+        self.instruction_encoder = (
+            InstructionEncoder(config.instruction_encoder) if config.instruction_encoder is not None else None
+        )
         self.q_head = SingleActionQHead(config) if config.num_actions == 1 else AutoregressiveQHead(config)
 
     @classmethod
@@ -286,13 +292,35 @@ class QTransformer(PretrainedModel):
             )
         return actions
 
-    def _text_condition(self, text_embeds: torch.Tensor | None, batch: int, *, drop: bool) -> torch.Tensor | None:
+    def tokenize(self, instructions: list[str]) -> torch.Tensor:
+        """Instructions -> the word ids ``(b, L)`` its instruction encoder reads (on the model's device)."""
+        if self.instruction_encoder is None:
+            raise ValueError("instructions: this model has no instruction_encoder; pass text_embeds")
+        return self.instruction_encoder.tokenize(instructions).to(self.null_text_embed.device)
+
+    def _text_condition(
+        self, text_embeds: torch.Tensor | None, text_ids: torch.Tensor | None, batch: int, *, drop: bool
+    ) -> torch.Tensor | None:
         if not self.config.condition_on_text:
-            if text_embeds is not None:
-                raise ValueError("text_embeds: this model is not text-conditioned (condition_on_text=False)")
+            if text_embeds is not None or text_ids is not None:
+                name = "text_embeds" if text_embeds is not None else "text_ids"
+                raise ValueError(f"{name}: this model is not text-conditioned (condition_on_text=False)")
             return None
+        if text_ids is not None:
+            if self.instruction_encoder is None:
+                raise ValueError("text_ids: this model has no instruction_encoder; pass text_embeds")
+            if text_embeds is not None:
+                raise ValueError("text_ids: give the instruction once, as text_ids or as text_embeds")
+            check_tensor(text_ids, "text_ids", ndim=2, dtype="int")
+            if text_ids.shape[0] != batch:
+                raise ValueError(f"text_ids: expected word ids (b={batch}, L), got {tuple(text_ids.shape)}")
+            text_embeds = self.instruction_encoder(text_ids)
         if text_embeds is None:
-            raise ValueError("text_embeds: required, the model is text-conditioned (condition_on_text=True)")
+            raise ValueError(
+                "text_ids: required (an instruction's word ids), the model encodes instructions itself"
+                if self.instruction_encoder is not None
+                else "text_embeds: required, the model is text-conditioned (condition_on_text=True)"
+            )
         check_tensor(text_embeds, "text_embeds", ndim=2, dtype="float")
         if tuple(text_embeds.shape) != (batch, self.config.text_embed_dim):
             raise ValueError(
@@ -327,10 +355,10 @@ class QTransformer(PretrainedModel):
         mixed = self.transformer(flat_tokens, attn_mask=self.frame_mask(frames, obs.device), cond=cond)
         return rearrange(mixed, "b (f n) d -> b f n d", f=frames)
 
-    def _guided_contexts(self, obs, text_embeds, cond_scale, *, drop):
+    def _guided_contexts(self, obs, text_embeds, cond_scale, *, drop, text_ids=None):
         """Frame tokens ``(r b, f n, d)`` and the map from head logits to guided logits of ``b`` rows."""
         b = obs.shape[0]
-        cond = self._text_condition(text_embeds, b, drop=drop)
+        cond = self._text_condition(text_embeds, text_ids, b, drop=drop)
         guided = cond is not None and cond_scale != 1.0
         if guided:
             obs = torch.cat((obs, obs))
@@ -353,10 +381,11 @@ class QTransformer(PretrainedModel):
         actions: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
         cond_scale: float = 1.0,
+        text_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self._check_obs(obs)
         actions = self._check_actions(actions, obs.shape[0])
-        context, guide = self._guided_contexts(obs, text_embeds, cond_scale, drop=self.training)
+        context, guide = self._guided_contexts(obs, text_embeds, cond_scale, drop=self.training, text_ids=text_ids)
         if self.single_action:
             return guide(self.q_head(context)).sigmoid()
         if actions is not None and context.shape[0] != actions.shape[0]:
@@ -372,13 +401,16 @@ class QTransformer(PretrainedModel):
         return_q_values: bool = False,
         *,
         use_cache: bool = True,
+        text_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Greedy bins ``(b, num_actions)`` (``(b,)`` for one dimension), deterministic (eval mode).
 
         With ``return_q_values`` also the Q-values along the chosen path, ``(b, num_actions, a)``
         (``(b, a)``): what ``forward(obs, actions=bins)`` returns.
         """
-        return self._act(obs, text_embeds, cond_scale, use_cache=use_cache, return_q_values=return_q_values)
+        return self._act(
+            obs, text_embeds, cond_scale, use_cache=use_cache, return_q_values=return_q_values, text_ids=text_ids
+        )
 
     @torch.no_grad()
     def get_actions(
@@ -390,6 +422,7 @@ class QTransformer(PretrainedModel):
         text_embeds: torch.Tensor | None = None,
         cond_scale: float = 1.0,
         generator: torch.Generator | None = None,
+        text_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Epsilon-greedy bins: with probability ``epsilon`` a sample explores, drawing uniform bins for
         ``ceil(random_dims_fraction * num_actions)`` random dimensions; the other dimensions stay greedy
@@ -406,14 +439,23 @@ class QTransformer(PretrainedModel):
         in_subset = torch.rand(b, d, generator=generator).argsort(dim=1).argsort(dim=1) < num_random
         forced = (explore[:, None] & in_subset).to(obs.device)
         random_bins = torch.randint(self.config.action_bins, (b, d), generator=generator).to(obs.device)
-        return self._act(obs, text_embeds, cond_scale, forced=forced, forced_bins=random_bins)
+        return self._act(obs, text_embeds, cond_scale, forced=forced, forced_bins=random_bins, text_ids=text_ids)
 
     def _act(
-        self, obs, text_embeds, cond_scale, *, use_cache=True, return_q_values=False, forced=None, forced_bins=None
+        self,
+        obs,
+        text_embeds,
+        cond_scale,
+        *,
+        use_cache=True,
+        return_q_values=False,
+        forced=None,
+        forced_bins=None,
+        text_ids=None,
     ):
         self._check_obs(obs)
         with _eval_mode(self):
-            context, guide = self._guided_contexts(obs, text_embeds, cond_scale, drop=False)
+            context, guide = self._guided_contexts(obs, text_embeds, cond_scale, drop=False, text_ids=text_ids)
             if self.single_action:
                 logits = guide(self.q_head(context))
                 bins = logits.argmax(dim=-1)

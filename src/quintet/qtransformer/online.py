@@ -1,6 +1,7 @@
 """Online-offline rounds inside one Trainer run: the replay data grows while the model trains.
 
-Round 0 is ``initial_episodes`` uniform-random episodes. At the first optimizer step of round
+Round 0 is ``initial_episodes`` uniform-random episodes (BabyAI presets: ``dataset_episodes`` of the
+noisy, sometimes misdirected bot, the offline data). At the first optimizer step of round
 ``r >= 1`` (step ``r * steps_per_round``) the model as it is then collects ``episodes_per_round``
 epsilon-greedy episodes, epsilon decaying linearly over the run's rounds, and training goes on
 over everything collected so far (offline Q-learning on a growing dataset).
@@ -14,6 +15,7 @@ uninterrupted run would, since checkpoint resume restores the very model a round
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from quintet.qtransformer.data import META_FILE, ActionDiscretiser, Episode, ReplayDataset, rollout
 from quintet.qtransformer.envs import greedy_policy, make_env, random_policy, write_dataset
 from quintet.qtransformer.model import QTransformer
-from quintet.qtransformer.presets import RLSettings
+from quintet.qtransformer.presets import BabyAISettings, RLSettings
 from quintet.training.task import RunInfo
 
 REPLAY_DIR = "replay"
@@ -34,13 +36,29 @@ COLLECT_SEED = 100_000
 class OnlineReplay:
     """The growing replay data of one run; :meth:`dataset_for` serves micro-batch ``index``'s dataset."""
 
-    def __init__(self, model: QTransformer, rl: RLSettings, *, seed: int = 0):
+    def __init__(
+        self,
+        model: QTransformer,
+        rl: RLSettings,
+        *,
+        seed: int = 0,
+        instructions: Callable[[list[str]], torch.Tensor] | None = None,
+    ):
         if rl.steps_per_round < 1:
             raise ValueError(f"steps_per_round: an online run needs >= 1, got {rl.steps_per_round}")
-        if model.config.condition_on_text:
-            raise ValueError("model: online collection acts without an instruction; use condition_on_text=False")
-        self.model, self.rl, self.seed = model, rl, seed
-        self.envs = make_env(rl.env_id, rl.collect_envs)
+        self.instructed = isinstance(rl, BabyAISettings)
+        if model.config.condition_on_text and not (self.instructed and instructions is not None):
+            raise ValueError(
+                "model: online collection acts without an instruction; use condition_on_text=False "
+                "(or a BabyAI preset, whose episodes carry one)"
+            )
+        self.model, self.rl, self.seed, self.instructions = model, rl, seed, instructions
+        if self.instructed:
+            from quintet.qtransformer.babyai_env import make_envs
+
+            self.envs = make_envs(rl.world, rl.collect_envs)
+        else:
+            self.envs = make_env(rl.env_id, rl.collect_envs)
         self.discretiser = ActionDiscretiser.from_space(self.envs[0].action_space, model.config.action_bins)
         if (self.discretiser.num_actions, self.discretiser.bins) != (
             model.config.num_actions,
@@ -86,7 +104,12 @@ class OnlineReplay:
             self.dataset = None
         if self.dataset is None:
             self.dataset = write_dataset(
-                self.folder / "all", self.episodes, self.rl, self.discretiser, frames=self.model.config.frames
+                self.folder / "all",
+                self.episodes,
+                self.rl,
+                self.discretiser,
+                frames=self.model.config.frames,
+                instructions=self.instructions,
             )
         return self.dataset
 
@@ -109,16 +132,52 @@ class OnlineReplay:
         rl = self.rl
         first_seed = COLLECT_SEED * (self.seed + 1)
         frames = self.model.config.frames
+        # an instructed episode keeps its mission (and family) as attributes; its policy reads them
+        instructed = dict(attributes=_mission, policy_sees_attributes=True) if self.instructed else {}
         if round_index == 0:
-            policy = random_policy(self.discretiser, np.random.default_rng((self.seed, 0)))
+            rng = np.random.default_rng((self.seed, 0))
+            if self.instructed:  # the offline data: the noisy bot, which drives one env
+                from quintet.qtransformer.babyai_env import bot_policy
+
+                policy = bot_policy(
+                    self.envs[0],
+                    rng,
+                    noise=rl.action_noise,
+                    misdirected=rl.misdirected,
+                    recover=rl.recover,
+                    random_episodes=rl.random_episodes,
+                )
+                return rollout(
+                    self.envs[:1],
+                    policy,
+                    rl.dataset_episodes,
+                    discretiser=self.discretiser,
+                    seed=first_seed,
+                    frames=frames,
+                    attributes=_mission,
+                )
+            policy = random_policy(self.discretiser, rng)
             return rollout(
                 self.envs, policy, rl.initial_episodes, discretiser=self.discretiser, seed=first_seed, frames=frames
             )
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
-        policy = greedy_policy(self.model, epsilon=self.epsilon(round_index), generator=generator)
-        seed = first_seed + rl.initial_episodes + (round_index - 1) * rl.episodes_per_round
+        policy = greedy_policy(
+            self.model, epsilon=self.epsilon(round_index), generator=generator, instructions=self.instructions
+        )
+        first = rl.dataset_episodes if self.instructed else rl.initial_episodes
+        seed = first_seed + first + (round_index - 1) * rl.episodes_per_round
         # the global RNG belongs to training (dropout, ...): collecting must not move it
         with torch.random.fork_rng(devices=[]):
             return rollout(
-                self.envs, policy, rl.episodes_per_round, discretiser=self.discretiser, seed=seed, frames=frames
+                self.envs,
+                policy,
+                rl.episodes_per_round,
+                discretiser=self.discretiser,
+                seed=seed,
+                frames=frames,
+                **instructed,
             )
+
+
+def _mission(observation: np.ndarray, info: dict) -> dict[str, str]:
+    return {"instruction": info["mission"], "family": info["family"]}
