@@ -65,7 +65,7 @@ class GenieSystem(System):
     name = "genie"
     description = "world model learned from recorded play (Bruce et al. 2024): tokenizer, latent actions, dynamics"
     model_classes = (FrameTokenizer, LatentActionModel, Genie)
-    demo_budget_share = 1.5  # ~170 s over the three stages: the world model needs most of it to learn the actions
+    demo_budget_share = 2.0  # ~230 s over the three stages: the world model needs most of it to learn the actions
     metric_meanings = {
         "recon_psnr": "PSNR (dB) of the tokenizer's reconstructions of held-out frames: the ceiling of every "
         "imagined frame (higher is better)",

@@ -35,7 +35,7 @@ class QTransformerSystem(System):
     model_classes = (QTransformer,)
     # three environments: CartPole collects its own data while it learns, LunarLander and BabyAI (pixels +
     # instructions) learn offline
-    demo_budget_share = 3.0
+    demo_budget_share = 3.5  # ~400 s: CartPole (stops once solved, ~75 s), then LunarLander and BabyAI share the rest
     metric_meanings = METRIC_MEANINGS
 
     def presets(self) -> dict[str, Preset]:
