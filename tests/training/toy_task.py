@@ -262,14 +262,14 @@ def install_spies(folder: Path) -> None:
         running["trainer"] = self
         return original_fit(self)
 
-    def teardown_distributed(context):
+    def teardown_distributed(context, **options):
         weights = {}
         for key, value in running["trainer"].model.state_dict().items():
             # under FSDP each rank holds a shard (a DTensor): gather the whole tensor while the group lives
             value = value.full_tensor() if hasattr(value, "full_tensor") else value
             weights[key] = value.detach().cpu()
         torch.save(weights, folder / f"rank{rank}.pt")
-        original_teardown(context)
+        original_teardown(context, **options)
 
     state.write_checkpoint = write_checkpoint
     state.commit_checkpoint = commit_checkpoint
