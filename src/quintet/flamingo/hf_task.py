@@ -17,9 +17,9 @@ from einops import rearrange
 from quintet.core.sampling import probabilities
 from quintet.flamingo.data import BOS, END_OF_CHUNK, FIRST_WORD, IMAGE, LABEL_WORDS, FewShotEpisodes
 from quintet.flamingo.hf import HFFlamingo
-from quintet.flamingo.tasks import EVAL_SEED, FlamingoRecipe, Outputs, _device, _seeded, image_set, lazy
+from quintet.flamingo.tasks import EVAL_SEED, FlamingoRecipe, _device, _seeded, image_set, lazy
 from quintet.registry import TaskRequest
-from quintet.training.task import Task
+from quintet.training.task import SampleFolder, Task
 from quintet.training.trainer import move_to_device
 
 
@@ -120,7 +120,7 @@ def hf_task(model: HFFlamingo, request: TaskRequest, recipe: FlamingoRecipe) -> 
 
     captions = lazy(make_captions)
     episodes = lazy(lambda: FewShotEpisodes(image_set(request.data, recipe), ways=recipe.ways))
-    outputs = Outputs()
+    outputs = SampleFolder("flamingo")
 
     def train_batch(index: int) -> HFEpisodeBatch:
         batch = episodes().sample(

@@ -34,7 +34,6 @@ from quintet.flamingo.model import CausalLM, Flamingo
 from quintet.flamingo.tasks import (
     FeatureBank,
     FlamingoRecipe,
-    Outputs,
     TrainingMixture,
     answer_prompts,
     classifier_loss,
@@ -49,7 +48,7 @@ from quintet.flamingo.tasks import (
 from quintet.flamingo.vision import ImageClassifier
 from quintet.registry import DemoRun, Preset, Stage, System, TaskRequest
 from quintet.training.pipeline import RunResult
-from quintet.training.task import ReportSection, Task, TrainSettings
+from quintet.training.task import ReportSection, SampleFolder, Task, TrainSettings
 
 SHAPES = "the embedded procedural shapes (10 classes, 32 x 32), as few-shot episodes with fresh label words"
 
@@ -309,7 +308,7 @@ class FlamingoSystem(System):
                     model.lm.token_emb.weight[IMAGE] = model.lm.token_emb.weight[concepts].mean(dim=0)
             if "vision" in request.inputs:
                 model.vision.load_state_dict(request.inputs["vision"].encoder.state_dict())
-        outputs = Outputs()
+        outputs = SampleFolder("flamingo")
 
         def make_episodes() -> FewShotEpisodes:
             media = FeatureBank(model.vision, images()) if config.freeze_vision else None

@@ -15,7 +15,6 @@ could predict where a document places its images), as in OpenFlamingo.
 from __future__ import annotations
 
 import functools
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,6 @@ from quintet.flamingo.data import (
     choose,
     decode,
 )
-from quintet.training.task import RunInfo
 from quintet.training.trainer import move_to_device
 
 EVAL_SEED = 20_220_429
@@ -85,21 +83,6 @@ def image_set(data: str | None, recipe: FlamingoRecipe) -> ImageSet:
             image_size=recipe.image_size, train_size=recipe.train_images, val_size=recipe.train_images // 10
         )
     return load_images(data, image_size=recipe.image_size)
-
-
-class Outputs:
-    """Where a task writes figures: the stage's run folder once training starts, else a temporary folder."""
-
-    def __init__(self) -> None:
-        self.folder: Path | None = None
-
-    def start(self, run: RunInfo) -> None:
-        self.folder = Path(run.run_dir)
-
-    def path(self, name: str) -> Path:
-        if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="quintet-flamingo-"))
-        return self.folder / name
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from quintet.data import cache_dir
 from quintet.genie.config import GenieConfig
 from quintet.genie.data import Recorded, load_recording, sample_starts, spread_starts, tokenize_rows
 from quintet.genie.dynamics import Genie
@@ -34,7 +33,7 @@ from quintet.genie.presets import GenieRecipe, genie_presets
 from quintet.genie.tokenizer import FrameTokenizer, tokenizer_loss
 from quintet.registry import DemoRun, Preset, System, TaskRequest
 from quintet.training.pipeline import RunResult
-from quintet.training.task import ReportSection, RunInfo, Task
+from quintet.training.task import ReportSection, SampleFolder, Task
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,20 +44,6 @@ def _recorded(recording, data: str | None, val_episodes: int) -> Recorded:
 
 def _seed(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
-
-
-class _Outputs:
-    """Where a task writes figures: beside the stage's checkpoints once training starts, else the cache."""
-
-    def __init__(self, preset: Preset, stage: str):
-        self.folder = cache_dir() / "genie" / "samples" / preset.name / stage
-
-    def start(self, run: RunInfo) -> None:
-        self.folder = Path(run.run_dir) / "samples"
-
-    def path(self, name: str) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        return self.folder / name
 
 
 class GenieSystem(System):
@@ -129,7 +114,7 @@ class GenieSystem(System):
         recipe = request.preset.recipe or GenieRecipe()
         model = self.task_model(request)
         recorded = functools.partial(_recorded, recipe.recording, request.data, recipe.val_episodes)
-        outputs = _Outputs(request.preset, request.stage.name)
+        outputs = SampleFolder("genie", subfolder="samples")
         if isinstance(model, FrameTokenizer):
             return self._tokenizer_task(request, recipe, model, recorded, outputs)
         if isinstance(model, LatentActionModel):

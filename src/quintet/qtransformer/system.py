@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from quintet.qtransformer.online import OnlineReplay
 from quintet.qtransformer.presets import BabyAISettings, RLSettings, qtransformer_presets
 from quintet.registry import DemoRun, Preset, System, TaskRequest
 from quintet.training.pipeline import RunResult
-from quintet.training.task import ReportSection, RunInfo, Task, TrainSettings
+from quintet.training.task import ReportSection, SampleFolder, Task, TrainSettings
 
 
 class QTransformerSystem(System):
@@ -111,22 +110,6 @@ def instruction_featurizer(rl: BabyAISettings, model: QTransformer) -> Featurize
     return HFSentenceEncoder(rl.text_encoder, dim=config.text_embed_dim)
 
 
-class _Outputs:
-    """Where a task writes its figures: the stage's run folder once training starts, else a fresh temporary
-    folder (``quintet sample`` prints the paths)."""
-
-    def __init__(self) -> None:
-        self.folder: Path | None = None
-
-    def start(self, run: RunInfo) -> None:
-        self.folder = Path(run.run_dir)
-
-    def path(self, name: str) -> Path:
-        if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="quintet-qtransformer-"))
-        return self.folder / name
-
-
 def build_task(
     model: QTransformer,
     source: ReplayDataset | OnlineReplay | Callable[[], ReplayDataset],
@@ -170,7 +153,7 @@ def build_task(
         rng = np.random.default_rng((settings.seed, index))
         return dataset.sample(settings.batch_size, rng)
 
-    outputs = _Outputs()
+    outputs = SampleFolder("qtransformer")
 
     def start(run) -> None:
         act_under_fsdp(model)

@@ -5,7 +5,6 @@ uncached sampling time)."""
 from __future__ import annotations
 
 import functools
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from quintet.rqtransformer.model import RQTransformer
 from quintet.rqtransformer.presets import SHAPES, RQRecipe, presets
 from quintet.rqtransformer.rqvae import RQVAE
 from quintet.training.pipeline import RunResult
-from quintet.training.task import ReportSection, RunInfo, Task
+from quintet.training.task import ReportSection, SampleFolder, Task
 
 TOKENIZER, PRIOR = "tokenizer", "prior"
 _LOGGED_QUANTIZER_METRICS = ("recon_psnr", "codebook_usage", "perplexity", "dead_codes", "commitment")
@@ -45,22 +44,6 @@ def tokenizer_loss(module: torch.nn.Module, images: torch.Tensor):
     """Reconstruction MSE + commitment loss of ``module`` (an RQ-VAE, maybe wrapped) on ``images``."""
     loss, metrics = RQVAE.loss(module(images), images)
     return loss, {name: metrics[name] for name in _LOGGED_QUANTIZER_METRICS if name in metrics}
-
-
-class _Outputs:
-    """Where a task writes its figures: the stage's run folder once training starts, else a fresh temporary
-    folder (``quintet sample`` prints the paths)."""
-
-    def __init__(self) -> None:
-        self.folder: Path | None = None
-
-    def start(self, run: RunInfo) -> None:
-        self.folder = Path(run.run_dir)
-
-    def path(self, name: str) -> Path:
-        if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="quintet-rqtransformer-"))
-        return self.folder / name
 
 
 class RQTransformerSystem(System):
@@ -126,7 +109,7 @@ class RQTransformerSystem(System):
     def _tokenizer_task(self, request: TaskRequest, recipe: RQRecipe, images) -> Task:
         settings = request.settings
         model = self.build_model(request.stage)
-        outputs = _Outputs()
+        outputs = SampleFolder("rqtransformer")
 
         def sample(trained: RQVAE) -> dict:
             return {"images": [str(reconstruction_grid(trained, images(), outputs.path("reconstructions.png")))]}
@@ -164,7 +147,7 @@ class RQTransformerSystem(System):
         classifier = functools.cache(
             lambda: trained_classifier(images(), steps=recipe.classifier_steps, width=recipe.classifier_width)
         )
-        outputs = _Outputs()
+        outputs = SampleFolder("rqtransformer")
 
         def evaluate(trained) -> dict[str, float]:
             metrics = {"val_loss": val_loss(trained, val_codes(), count=recipe.eval_images)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,26 @@ class RunInfo:
     def step_of(self, index: int) -> int:
         """The optimizer step that asks for micro-batch ``index`` (see :class:`Task`)."""
         return index // (self.grad_accum * self.world_size)
+
+
+class SampleFolder:
+    """Where a task writes its figures: ``subfolder`` of the stage's run folder once training starts
+    (call :meth:`start` from :attr:`Task.start`), else a fresh temporary folder (``quintet sample``
+    prints the paths)."""
+
+    def __init__(self, system: str, *, subfolder: str = "") -> None:
+        self.system = system
+        self.subfolder = subfolder
+        self.folder: Path | None = None
+
+    def start(self, run: RunInfo) -> None:
+        self.folder = Path(run.run_dir) / self.subfolder
+
+    def path(self, name: str) -> Path:
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix=f"quintet-{self.system}-"))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return self.folder / name
 
 
 @dataclass(kw_only=True)
