@@ -159,12 +159,14 @@ def genie_presets(system: str) -> dict[str, Preset]:
     )
     # step counts about what 2 cores train in each stage's share of the demo's time budget, so the
     # learning rate has decayed when the budget ends (the world model: delta_psnr 0.23 dB at step 233
-    # of a 300-step schedule vs 0.03 at step 273 of a 5000-step one; 0.62 with 3 layers, 330 steps)
+    # of a 300-step schedule vs 0.03 at step 273 of a 5000-step one; 0.62 with 3 layers, 330 steps).
+    # The latent action model needs ~600 steps: at 300 its 8 codes had collapsed onto 1 (NMI 0), at 600
+    # all 8 were in use (NMI 0.12)
     fast = dict(weight_decay=0.01, eval_every=0, checkpoint_every=0)
     demo_settings = {
-        "tokenizer": TrainSettings(steps=1000, batch_size=16, lr=2e-3, warmup_steps=20, log_every=20, **fast),
-        "latent_actions": TrainSettings(steps=300, batch_size=32, lr=2e-3, warmup_steps=20, log_every=20, **fast),
-        "dynamics": TrainSettings(steps=330, batch_size=16, lr=2e-3, warmup_steps=30, log_every=10, **fast),
+        "tokenizer": TrainSettings(steps=800, batch_size=16, lr=2e-3, warmup_steps=20, log_every=20, **fast),
+        "latent_actions": TrainSettings(steps=650, batch_size=32, lr=2e-3, warmup_steps=20, log_every=20, **fast),
+        "dynamics": TrainSettings(steps=310, batch_size=16, lr=2e-3, warmup_steps=30, log_every=10, **fast),
     }
     demo = Preset(
         system=system,
@@ -178,7 +180,7 @@ def genie_presets(system: str) -> dict[str, Preset]:
             dynamics,
             demo_settings,
             latent=latent,
-            shares={"tokenizer": 0.27, "latent_actions": 0.08, "dynamics": 0.65},
+            shares={"tokenizer": 0.22, "latent_actions": 0.18, "dynamics": 0.6},
             latent_actions_needed=False,
         ),
     )
