@@ -12,7 +12,7 @@ from quintet.qtransformer.babyai_env import BabyAIEnv, bot_policy, make_envs
 from quintet.qtransformer.config import InstructionEncoderConfig
 from quintet.qtransformer.data import ActionDiscretiser, ReplayDataset, rollout
 from quintet.qtransformer.datasets import babyai_dataset
-from quintet.qtransformer.instructed import evaluate_instructed, instruction_pool
+from quintet.qtransformer.instructed import SuccessRates, deadlocked, evaluate_instructed, instruction_pool
 from quintet.qtransformer.instructions import HFSentenceEncoder, InstructionEncoder
 from quintet.qtransformer.presets import BABYAI_TINY, BABYAI_TINY_RL
 from quintet.qtransformer.system import QTransformerSystem
@@ -213,8 +213,20 @@ def test_babyai_tiny_trains_through_the_trainer_and_reports_success_rates(tmp_pa
     assert losses[-1] < losses[0]
     metrics = result.eval_metrics
     for name in ("eval_success_rate", "eval_success_rate_go_to", "eval_success_rate_guided",
-                 "eval_success_rate_shuffled", "eval_success_rate_other_goal", "data_success_rate"):
+                 "eval_success_rate_shuffled", "eval_success_rate_other_goal", "data_success_rate",
+                 "eval_deadlock_rate"):
         assert 0.0 <= metrics[name] <= 1.0, name
+
+
+def test_a_policy_walking_into_a_wall_forever_is_deadlocked_and_a_turning_one_is_not():
+    env = make_envs(GO_TO)[0]
+    forward, turn = (lambda obs: np.full((len(obs), 1), 2)), (lambda obs: np.full((len(obs), 1), 0))
+    walker, = rollout([env], forward, 1, discretiser=DISCRETE, seed=3)
+    turner, = rollout([env], turn, 1, discretiser=DISCRETE, seed=3)
+    assert walker.raw_return == 0 and turner.raw_return == 0  # both fail: neither reaches the object
+    assert deadlocked(walker) and not deadlocked(turner)  # the walker's view stopped changing at a wall
+    rates = SuccessRates.of([walker, turner], ["go to", "go to"])
+    assert rates.overall == 0.0 and rates.deadlocked == 0.5
 
 
 def test_evaluation_reads_shuffled_instructions_from_the_pool():

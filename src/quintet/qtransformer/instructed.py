@@ -6,6 +6,9 @@
   training data) while the env checks the real one: how much success comes from reading it.
 - ``eval_success_rate_other_goal``: the same start, the instruction retargeted to another object of
   the scene (the env checks that one): do different words lead to the other goal.
+- ``eval_deadlock_rate``: the share of right-instruction episodes that failed stuck, their view
+  unchanged over the last :data:`DEADLOCK_STEPS` steps: a greedy policy repeating an action that does
+  nothing (moving into an object), which a memoryless deterministic policy repeats until time runs out.
 - ``data_success_rate`` (and per family): the offline data's own success rate, for comparison.
 """
 
@@ -26,6 +29,9 @@ from quintet.qtransformer.model import QTransformer
 from quintet.qtransformer.presets import BabyAISettings
 
 Featurizer = Callable[[list[str]], torch.Tensor]
+DEADLOCK_STEPS = 3
+"""a failed episode whose last this many observations are one view is deadlocked (more than the frames
+a policy stacks: it saw the same input and will act the same way again)"""
 
 
 def family_key(family: str) -> str:
@@ -38,14 +44,24 @@ class SuccessRates:
     overall: float
     by_family: dict[str, float]
     episodes: list[Episode]
+    deadlocked: float = 0.0
 
     @classmethod
     def of(cls, episodes: list[Episode], families: Sequence[str]) -> SuccessRates:
-        """Success (a positive return: BabyAI rewards only success) overall and per family."""
+        """Success (a positive return: BabyAI rewards only success) overall and per family, and the share
+        of deadlocked failures."""
         success = np.array([episode.raw_return > 0 for episode in episodes])
         families = np.asarray(families)
         by_family = {f: float(success[families == f].mean()) for f in sorted(set(families.tolist()))}
-        return cls(overall=float(success.mean()), by_family=by_family, episodes=episodes)
+        stuck = [not ok and deadlocked(episode) for ok, episode in zip(success, episodes)]
+        overall = float(success.mean())
+        return cls(overall=overall, by_family=by_family, episodes=episodes, deadlocked=float(np.mean(stuck)))
+
+
+def deadlocked(episode: Episode) -> bool:
+    """Whether the episode's last :data:`DEADLOCK_STEPS` observations are the same view."""
+    last = episode.observations[-DEADLOCK_STEPS:]
+    return len(last) == DEADLOCK_STEPS and all(np.array_equal(last[0], view) for view in last[1:])
 
 
 def data_success(dataset: ReplayDataset) -> SuccessRates:
@@ -121,6 +137,7 @@ def instructed_metrics(
     metrics = {"eval_success_rate": right.overall}
     metrics |= {f"eval_success_rate_{family_key(f)}": rate for f, rate in right.by_family.items()}
     metrics["eval_return_mean"] = float(np.mean([e.raw_return for e in right.episodes]))
+    metrics["eval_deadlock_rate"] = right.deadlocked
     guided = evaluate_instructed(model, rl, instructions, cond_scale=rl.guided_scale)
     shuffled = evaluate_instructed(model, rl, instructions, shown="shuffled", pool=pool)
     metrics["eval_success_rate_guided"] = guided.overall
