@@ -254,7 +254,7 @@ BABYAI_TINY = QTransformerConfig(
 # 5000 episodes (generated in about a minute): offline, greedy success 0.785 over 200 held-out seeds after
 # 10,000 steps, against 0.75 from 1500 episodes after 20,000. 200 evaluation seeds, because 60 read up to
 # 0.09 above the 300-seed rate (a success rate over n seeds has a standard error of about 0.4 / sqrt(n)).
-# Every failure of the offline policy was a deadlock (eval_deadlock_rate 0.19 of 0.215 failures): facing
+# Nearly every failure of the offline policy is a deadlock (eval_deadlock_rate 0.195 of 0.215): facing
 # a distractor that stands between it and the instructed object, it moves forward into it, the view does
 # not change, and the greedy policy repeats the move until time runs out. The bot walks around such
 # objects, so the data barely shows the state; the policy's own episodes do: two rounds of 1500 of them
