@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,28 @@ def test_two_processes_train_in_lockstep_and_only_rank_0_writes(tmp_path, parall
     assert checkpoint.name == "step_00000004" and is_sharded_checkpoint(checkpoint) == (parallel == "fsdp")
     for key, value in model.state_dict().items():
         assert torch.equal(value, rank0[key]), key
+
+
+def fake_thread(task_dir: Path, tid: int, name: str, state: str) -> None:
+    (task_dir / str(tid)).mkdir(parents=True)
+    (task_dir / str(tid) / "comm").write_text(name + "\n")
+    # the name in /proc's stat may itself hold ") " : the state is the field after the last ')'
+    (task_dir / str(tid) / "stat").write_text(f"{tid} ({name}) x) {state} 1 {tid} {tid} 0 -1\n")
+
+
+def test_teardown_waits_only_for_a_busy_gloo_worker_and_never_forever(tmp_path):
+    from quintet.training.distributed import GLOO_WORKER_THREAD, _gloo_workers_busy, wait_for_gloo_workers
+
+    tasks = tmp_path / "task"
+    fake_thread(tasks, 1, "python", "R")  # the main thread runs: not a reason to wait
+    fake_thread(tasks, 2, GLOO_WORKER_THREAD, "S")  # idle on its queue
+    assert not _gloo_workers_busy(str(tasks))
+    started = time.monotonic()
+    wait_for_gloo_workers(task_dir=str(tasks), timeout_s=10.0)
+    assert time.monotonic() - started < 5.0  # a few quiet polls, not the timeout
+
+    fake_thread(tasks, 3, GLOO_WORKER_THREAD, "R")  # still dropping a finished collective's tensors
+    assert _gloo_workers_busy(str(tasks))
+    started = time.monotonic()
+    wait_for_gloo_workers(task_dir=str(tasks), timeout_s=0.2)
+    assert 0.2 <= time.monotonic() - started < 5.0
